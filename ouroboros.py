@@ -1,0 +1,684 @@
+"""
+Ouroboros: a recursive transformer that re-weights its looped layer at every step.
+
+A from-scratch, single-file implementation of "Ouroboros: Dynamic Weight Generation
+for Recursive Transformers via Input-Conditioned LoRA Modulation" (arXiv 2604.02051).
+
+A pretrained Qwen2.5-3B (36 layers) is cut in three. The first 8 layers (the Prelude)
+and the last 8 (the Coda) are kept, frozen. Of the 20 layers between them only layer 18
+survives, and it is applied `depth` times in a loop. So that each pass can do something
+different, a small Controller network reads the hidden state and emits, for step s, a
+vector c_s that scales the directions of a frozen low-rank (LoRA) basis on each of the
+layer's seven projections. The basis is the SVD of what the removed layers did
+differently from layer 18, so the Controller starts from the directions that matter.
+
+    ids ─► embed ─► Prelude: layers 0..7 (frozen, run without autograd)
+                      │ h
+         ┌────────────┤  for s = 0 .. depth-1:
+         │   c_s   = Controller(pool(h), s)                      (7 targets × r)
+         │   h_new = StepNorm_s( Layer_18(h; W + (α/r) B diag(c_s) A) )
+         │   g     = σ(W_g [h_new; h] + b_g)                     (b_g = -2: keep 88% of h)
+         └── h     = g ⊙ h_new + (1 - g) ⊙ h
+                      │
+                   Coda: layers 28..35 (frozen) ─► norm ─► lm_head ─► logits
+
+Everything of Qwen2 is frozen; only the Controller, the gate and the per-step norms
+train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
+
+    python ouroboros.py --model DIR --prompt "Once upon a time" --depth 4   # generate
+    python train.py --depth 4 --rank 8                                      # train
+    pytest test_ouroboros.py                                                # test
+
+Sections, in reading order: config → Qwen2 blocks → loading → surgery and SVD bases →
+Controller → gate and per-step norms → the recurrent model → generation.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, fields, MISSING
+from itertools import repeat
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch.utils.checkpoint import checkpoint
+
+# The seven projections of a layer that get a LoRA basis, named as in the checkpoint.
+TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+# ----------------------------------------------------------------------------------------
+# Config: one dataclass, filled from the checkpoint's config.json
+
+
+@dataclass
+class Qwen2Config:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self):
+        return self.hidden_size // self.num_attention_heads
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
+            raise ValueError(f"hidden_size {self.hidden_size} must split into "
+                             f"{self.num_attention_heads} heads of even size")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
+                             f"of num_key_value_heads {self.num_key_value_heads}")
+
+    @classmethod
+    def from_pretrained(cls, path):
+        file = Path(path) / "config.json"
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: not found (a Hugging Face checkpoint directory has one)")
+        try:
+            return cls.from_dict(json.loads(file.read_text()), source=file)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+    @classmethod
+    def from_dict(cls, raw, source="config"):
+        def refuse(what):
+            raise ValueError(f"{source}: {what} is not supported (supported: model_type 'qwen2' "
+                             "with SiLU, full attention in every layer and unscaled RoPE)")
+        if raw.get("model_type") != "qwen2":
+            refuse(f"model_type {raw.get('model_type')!r}")
+        if raw.get("hidden_act", "silu") != "silu":
+            refuse(f"hidden_act {raw['hidden_act']!r}")
+        if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or ()):
+            refuse("sliding-window attention")
+        rope = raw.get("rope_parameters") or {}  # transformers 5.x spelling
+        if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+            refuse(f"rope scaling {raw.get('rope_scaling') or rope}")
+        raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
+               "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
+        if raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) != \
+                raw["hidden_size"] // raw["num_attention_heads"]:
+            refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
+        for f in fields(cls):
+            if f.default is MISSING and raw.get(f.name) is None:
+                raise ValueError(f"{source}: key {f.name!r} is missing")
+        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+
+    def to_dict(self):
+        """config.json contents, as transformers 4.x writes them."""
+        return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **asdict(self)}
+
+# ----------------------------------------------------------------------------------------
+# Qwen2 blocks: RMSNorm, rotary embeddings, grouped-query attention, SwiGLU MLP
+
+
+def rms_norm(x, weight, eps):
+    """x · rsqrt(mean(x²) + eps), computed in float32, cast back, times the weight."""
+    x32 = x.float()
+    x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
+    return weight.to(x.dtype) * x32.to(x.dtype)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return rms_norm(x, self.weight, self.eps)
+
+
+def rope(cfg, start, T, device):
+    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), in float32 whatever the weights."""
+    hd = cfg.head_dim
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
+    angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hd/2)
+    angles = torch.cat([angles, angles], -1)  # (T, hd): dimension i pairs with i + hd/2
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x, cos, sin):
+    """Rotate each pair (x_i, x_{i+hd/2}) of x (B, n_head, T, hd) by its angle."""
+    x1, x2 = x.chunk(2, -1)  # (B, n_head, T, hd/2) each
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
+
+
+class Linear(nn.Linear):
+    """nn.Linear that can carry a frozen LoRA basis (set by the surgery on the looped layer).
+
+    Given the modulation c (..., 7, r) of all targets, it adds its own slice:
+    y = x Wᵀ + b + ((x Aᵀ) ⊙ c_t) Bᵀ, i.e. ΔW = B diag(c_t) A (c_t already carries α/r).
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("lora_A", None, persistent=False)  # (r, in), frozen
+        self.register_buffer("lora_B", None, persistent=False)  # (out, r), frozen
+        self.lora_slot = None  # which of the 7 targets this projection is
+
+    def forward(self, x, c=None):
+        y = F.linear(x, self.weight, self.bias)
+        if c is None or self.lora_A is None:
+            return y
+        return y + ((x @ self.lora_A.T) * c[..., self.lora_slot, :]) @ self.lora_B.T
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
+        self.q_proj = Linear(d, self.n_head * hd, bias=True)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=True)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=True)
+        self.o_proj = Linear(self.n_head * hd, d, bias=False)
+
+    def forward(self, x, cos_sin, cache=None, c=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k = self.k_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
+        if cache is not None:
+            k, v = cache.update(k, v)  # (B, n_kv, past + T, hd)
+        # Causal when the queries are the whole sequence; a lone new query (decode) sees all
+        # keys. enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        d, i = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj, self.up_proj = Linear(d, i, bias=False), Linear(d, i, bias=False)
+        self.down_proj = Linear(i, d, bias=False)
+
+    def forward(self, x, c=None):
+        return self.down_proj(F.silu(self.gate_proj(x, c)) * self.up_proj(x, c), c)
+
+
+class Block(nn.Module):
+    """Pre-norm decoder layer: h += attn(norm(h)); h += mlp(norm(h))."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(self, h, cos_sin, cache=None, c=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, cache, c)
+        return h + self.mlp(self.post_attention_layernorm(h), c)
+
+
+class Qwen2(nn.Module):
+    """The Qwen2 decoder. Module names mirror the checkpoint's tensor names, so loading is
+    an identity map. `layers` keeps a subset of the layers under their checkpoint numbers
+    (model.layers.18 is layer 18 of the file); the default keeps them all."""
+
+    def __init__(self, cfg, layers=None):
+        super().__init__()
+        self.cfg = cfg
+        keep = range(cfg.num_hidden_layers) if layers is None else layers
+        self.model = nn.ModuleDict(dict(
+            embed_tokens=nn.Embedding(cfg.vocab_size, cfg.hidden_size),
+            layers=nn.ModuleDict({str(i): Block(cfg) for i in keep}),
+            norm=RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)))
+        if not cfg.tie_word_embeddings:  # tied: the output projection is the embedding matrix
+            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+
+    @classmethod
+    def from_pretrained(cls, path, layers=None, device=None, dtype=None):
+        cfg = Qwen2Config.from_pretrained(path)
+        device, dtype = placement(device, dtype)
+        return load_frozen(cls.on_meta(cfg, layers), Checkpoint(path, cfg, device).read, dtype)
+
+    @classmethod
+    def from_config(cls, cfg, layers=None, device=None, dtype=None):
+        """Random weights (speed and memory do not depend on the values)."""
+        device, dtype = placement(device, dtype)
+        return load_frozen(cls.on_meta(cfg, layers), random_weights(cfg, device), dtype)
+
+    @classmethod
+    def on_meta(cls, cfg, layers=None):
+        """The module with shapes but no storage, to be filled by load_frozen."""
+        with torch.device("meta"):
+            return cls(cfg, layers)
+
+    def embed(self, idx, caches=None):
+        """Token embeddings (B, T, d) and the rotary table of their positions."""
+        if idx.dim() != 2 or idx.numel() == 0:
+            raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
+        lo, hi = idx.aminmax()
+        if lo < 0 or hi >= self.cfg.vocab_size:
+            raise ValueError(f"token id {(lo if lo < 0 else hi).item()} is outside the vocabulary "
+                             f"0..{self.cfg.vocab_size - 1}")
+        start = caches[0].len if caches else 0
+        return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
+
+    def head(self, h, targets=None):
+        """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100."""
+        w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
+        logits = F.linear(self.model.norm(h), w)
+        if targets is None:
+            return logits, None
+        if targets.shape != logits.shape[:2]:
+            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(logits.shape[:2])}")
+        return logits, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+
+    def forward(self, idx, targets=None, caches=None):
+        """With caches (generation), only the last position's logits are computed."""
+        h, cos_sin = self.embed(idx, caches)
+        kv = iter(caches) if caches else repeat(None)  # one cache per attention call, in order
+        for layer in self.model.layers.values():
+            h = layer(h, cos_sin, next(kv))
+        return self.head(h[:, -1:] if caches else h, targets)
+
+# ----------------------------------------------------------------------------------------
+# Loading: safetensors straight to the device, one tensor at a time
+
+
+def placement(device, dtype):
+    """Defaults: CUDA with bf16 frozen weights when there is a GPU, else CPU in float32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: model.safetensors, or an index and its shards.
+    Tensors are read by name, straight to `device`, and only when asked for."""
+
+    def __init__(self, path, cfg, device):
+        self.path, self.device, self.open_files = Path(path), device, {}
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            self.where = {name: self.path / file for name, file in weight_map.items()}
+        elif (self.path / "model.safetensors").is_file():
+            file = self.path / "model.safetensors"
+            self.where = dict.fromkeys(self.open(file).keys(), file)
+        else:
+            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
+        self.shapes = {k: tuple(v.shape) for k, v in Qwen2.on_meta(cfg).state_dict().items()}
+        unexpected = sorted(set(self.where) - set(self.shapes))
+        if unexpected:
+            raise ValueError(f"{self.where[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
+                             f"({len(unexpected)} in all) for a Qwen2 model of this config.json")
+
+    def open(self, file):
+        if file not in self.open_files:
+            if not file.is_file():
+                raise FileNotFoundError(f"{file}: shard not found (named in model.safetensors.index.json)")
+            try:
+                self.open_files[file] = safe_open(file, framework="pt", device=str(self.device))
+            except SafetensorError as e:
+                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+        return self.open_files[file]
+
+    def read(self, name):
+        if name not in self.where:
+            raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
+        f = self.open(self.where[name])
+        shape = tuple(f.get_slice(name).get_shape())
+        if shape != self.shapes[name]:
+            raise ValueError(f"{self.where[name]}: tensor {name!r} has shape {shape}, "
+                             f"config.json implies {self.shapes[name]}")
+        try:
+            return f.get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"{self.where[name]}: tensor {name!r} is unreadable ({e})") from None
+
+
+def random_weights(cfg, device, std=0.02):
+    """A stand-in for Checkpoint.read: N(0, std) for every tensor, 1 + N(0, std) for norms."""
+    shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
+
+    def read(name):
+        t = torch.randn(shapes[name], device=device) * std
+        return t + 1 if name.endswith("norm.weight") else t
+    return read
+
+
+def load_frozen(module, read, dtype):
+    """Fill a module built on the meta device from read(name); every tensor frozen."""
+    module.load_state_dict({name: read(name).to(dtype) for name in module.state_dict()}, assign=True)
+    return module.requires_grad_(False)
+
+# ----------------------------------------------------------------------------------------
+# Surgery and SVD bases
+
+
+def split_layers(L, prelude=None, recurrent=None, coda=None):
+    """Prelude [0, P), recurrent layer R, coda [L-C, L). The paper's 8 / 18 / 8 of 36
+    layers, in the same proportions for other depths (24 layers: 5 / 12 / 5)."""
+    P = round(8 * L / 36) if prelude is None else prelude
+    C = round(8 * L / 36) if coda is None else coda
+    R = L // 2 if recurrent is None else recurrent
+    if not (0 <= P <= R < L - C and C >= 0):
+        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} is out of range for {L} layers "
+                         f"(need 0 <= prelude <= recurrent < {L} - coda)")
+    removed = [i for i in range(P, L - C) if i != R]
+    if not removed:
+        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} of {L} layers removes no layer "
+                         "(the LoRA bases are built from the removed layers)")
+    return P, R, C, removed
+
+
+def svd_basis(delta, rank):
+    """Best rank-r factors of Δ (out, in): A = Vᵀ[:r] (r, in), B = U[:, :r] diag(S[:r]) (out, r)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return Vh[:rank].clone(), U[:, :rank] * S[:rank]
+
+# ----------------------------------------------------------------------------------------
+# Controller: the hypernetwork that makes each recurrence step input-dependent
+
+
+class Controller(nn.Module):
+    """c_{t,s} = H_t u,  u = SiLU(W3 SiLU(W2 [z; e_s] + b2) + b3),  z = SiLU(W1 p + b1)."""
+
+    def __init__(self, d, rank, max_steps, E=128):
+        super().__init__()
+        self.w1 = nn.Linear(d, 2 * E)  # W1, b1: pooled state -> z
+        self.step_embedding = nn.Embedding(max_steps, E)  # e_s
+        self.w2 = nn.Linear(3 * E, 2 * E)  # W2, b2
+        self.w3 = nn.Linear(2 * E, E)  # W3, b3
+        self.heads = nn.Linear(E, len(TARGETS) * rank, bias=False)  # H_t of the 7 targets, stacked
+        nn.init.zeros_(self.heads.weight)  # c = 0, so ΔW = 0: step s of a fresh model is the plain layer
+
+    def forward(self, p, s):
+        z = F.silu(self.w1(p))  # (B, T, 2E)
+        e = self.step_embedding.weight[s].expand(*z.shape[:-1], -1)  # (B, T, E)
+        u = F.silu(self.w3(F.silu(self.w2(torch.cat([z, e], -1)))))  # (B, T, E)
+        return self.heads(u).unflatten(-1, (len(TARGETS), -1))  # (B, T, 7, r)
+
+
+class StaticModulation(nn.Module):
+    """Ablation "static per-step LoRA": c[s, t] is a learned table that ignores the input."""
+
+    def __init__(self, rank, max_steps):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
+
+    def forward(self, p, s):
+        return self.table[s]  # (7, r), the same for every sequence and position
+
+# ----------------------------------------------------------------------------------------
+# The recurrent model: prelude, gated and normalised loop over layer R, coda
+
+
+class Ouroboros(nn.Module):
+    def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
+                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=64):
+        super().__init__()
+        for name, value, allowed in (("controller", controller, ("dynamic", "static")),
+                                     ("pool", pool, ("causal", "mean"))):
+            if value not in allowed:
+                raise ValueError(f"{name}={value!r}: choose one of {allowed}")
+        if max_steps < 1:
+            raise ValueError(f"max_steps={max_steps} must be at least 1")
+        L, d = cfg.num_hidden_layers, cfg.hidden_size
+        P, R, C, self.removed = split_layers(L, prelude, recurrent, coda)
+        self.cfg, self.prelude, self.recurrent, self.coda = cfg, range(P), R, range(L - C, L)
+        self.options = dict(rank=rank, alpha=alpha, prelude=P, recurrent=R, coda=C, controller=controller,
+                            pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps)
+        with torch.device("meta"):  # the frozen trunk is filled from the checkpoint later
+            self.base = Qwen2(cfg, layers=[*self.prelude, R, *self.coda])
+        for t in TARGETS:
+            out, inp = self.layer.get_submodule(t).weight.shape
+            if not 1 <= rank <= min(out, inp):
+                raise ValueError(f"rank {rank} is out of range for {t} ({out} x {inp}): use 1..{min(out, inp)}")
+        self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
+        self.controller = (Controller(d, rank, max_steps) if controller == "dynamic"
+                           else StaticModulation(rank, max_steps))
+        self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
+        if gate:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, -2.0)  # σ(-2) = 0.1192: 88% of h is kept at init
+        self.step_norms = nn.Parameter(torch.ones(max_steps, d)) if step_norm else None  # one RMSNorm weight per step
+        self.checkpointing = False  # True: recompute each step in backward instead of storing it
+
+    @property
+    def layer(self):
+        return self.base.model.layers[str(self.recurrent)]
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **options):
+        cfg = Qwen2Config.from_pretrained(path)
+        device, dtype = placement(device, dtype)
+        return cls.build(cfg, Checkpoint(path, cfg, device).read, device, dtype, options)
+
+    @classmethod
+    def from_config(cls, cfg, device=None, dtype=None, **options):
+        """Random frozen weights; on device="meta" nothing is allocated (for counting)."""
+        device, dtype = placement(device, dtype)
+        return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
+
+    @classmethod
+    def build(cls, cfg, read, device, dtype, options):
+        with torch.device(device):
+            model = cls(cfg, **options)  # trainables: float32, initialised on the device
+        load_frozen(model.base, read, dtype)  # only the 17 kept layers are read here
+        # SVD bases: Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32. The
+        # removed layers are streamed one tensor at a time: they are never all in memory.
+        for slot, t in enumerate(TARGETS):
+            lin = model.layer.get_submodule(t)
+            total = sum(read(f"model.layers.{i}.{t}.weight").float() for i in model.removed)
+            A, B = svd_basis(total / len(model.removed) - lin.weight.float(), model.options["rank"])
+            lin.lora_A, lin.lora_B, lin.lora_slot = A.to(dtype), B.to(dtype), slot
+        return model
+
+    def modulation(self, h, s, cache=None):
+        """c_s, scaled by α/r: (B, T, 7, r) per position for the causal pool, (B, 1, 7, r) per
+        sequence for the mean pool, (7, r) for the static table."""
+        if isinstance(self.controller, StaticModulation):
+            return self.scale * self.controller(None, s)
+        if self.options["pool"] == "mean":  # the paper's: every position sees the whole sequence
+            p = h.float().mean(1, keepdim=True)  # (B, 1, d)
+        else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
+            past = cache.len if cache is not None else 0
+            running = h.float().cumsum(1)  # (B, T, d)
+            if cache is not None:
+                running = running + cache.h_sum
+                cache.h_sum = running[:, -1:]
+            p = running / torch.arange(past + 1, past + h.size(1) + 1, device=h.device)[:, None]
+        return self.scale * self.controller(p, s)
+
+    def step(self, h, s, cos_sin, cache=None):
+        """One recurrence step: modulated layer R, per-step norm, gated update."""
+        h_new = self.layer(h, cos_sin, cache, self.modulation(h, s, cache))
+        if self.step_norms is not None:
+            h_new = rms_norm(h_new, self.step_norms[s], self.cfg.rms_norm_eps)  # StepNorm_s
+        if self.gate is None:
+            return h_new
+        g = torch.sigmoid(self.gate(torch.cat([h_new, h], -1)))  # (B, T, d)
+        return g * h_new + (1 - g) * h
+
+    def forward(self, idx, depth=4, targets=None, caches=None):
+        if not 1 <= depth <= self.options["max_steps"]:
+            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
+        layers, frozen = self.base.model.layers, self.base.model.norm.weight
+        kv = iter(caches) if caches else repeat(None)  # calls: prelude, each step, coda
+        # Trainables keep float32 master weights; they compute in the frozen weights' dtype.
+        with torch.autocast(frozen.device.type, frozen.dtype, enabled=frozen.dtype != torch.float32):
+            with torch.no_grad():  # the prelude is frozen and nothing before it trains
+                h, cos_sin = self.base.embed(idx, caches)
+                for i in self.prelude:
+                    h = layers[str(i)](h, cos_sin, next(kv))
+            for s in range(depth):
+                if self.checkpointing and torch.is_grad_enabled():  # memory ~ one step, not depth steps
+                    h = checkpoint(self.step, h, s, cos_sin, next(kv), use_reentrant=False)
+                else:
+                    h = self.step(h, s, cos_sin, next(kv))
+            for i in self.coda:
+                h = layers[str(i)](h, cos_sin, next(kv))
+            return self.base.head(h[:, -1:] if caches else h, targets)
+
+    def baseline(self, idx, targets=None):
+        """The pruned model with no loop: prelude, layer R once, coda ("17-layer baseline")."""
+        return self.base(idx, targets)
+
+    def named_trainable(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base.")]
+
+    def trainable_parameters(self):
+        return [p for _, p in self.named_trainable()]
+
+    def save_trainable(self, file):
+        """Trainable tensors to safetensors, with the options and config as metadata."""
+        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable()}
+        meta = {"ouroboros": json.dumps(self.options), "config": json.dumps(asdict(self.cfg))}
+        save_file(tensors, f"{file}.tmp", metadata=meta)
+        os.replace(f"{file}.tmp", file)  # never a half-written file
+
+    def load_trainable(self, file):
+        options, config = read_trainable_options(file, with_config=True)
+        diff = [f"{k}: file {options.get(k)!r}, model {v!r}" for k, v in self.options.items()
+                if options.get(k) != v]
+        diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(self.cfg).items()
+                 if config.get(k) != v]
+        if diff:
+            raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
+        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+            for name, p in self.named_trainable():
+                p.copy_(f.get_tensor(name))
+
+
+def read_trainable_options(file, with_config=False):
+    """The options an Ouroboros trainable file was saved with."""
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: not found")
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    if "ouroboros" not in meta:
+        raise ValueError(f"{file}: not an Ouroboros trainable file (no 'ouroboros' metadata)")
+    options = json.loads(meta["ouroboros"])
+    return (options, json.loads(meta.get("config", "{}"))) if with_config else options
+
+# ----------------------------------------------------------------------------------------
+# Generation: prefill, then one token at a time with a KV cache per attention call
+
+
+class KVCache:
+    """Keys and values of one attention call, preallocated for max_len positions. The
+    looped layer gets one per recurrence step (each step attends to its own past), and
+    there the causal Controller's running sum of h rides along (h_sum)."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v, self.h_sum = max_len, 0, None, None, 0.0
+
+    def update(self, k, v):  # k, v: (B, n_kv, T, hd) of the new positions
+        B, n_kv, T, hd = k.shape
+        if (T > 1 and self.len) or self.len + T > self.max_len:
+            raise ValueError(f"KV cache: {T} new positions after {self.len} (room for {self.max_len}); "
+                             "prefill an empty cache, then add one position at a time")
+        if self.k is None:
+            self.k, self.v = k.new_empty(B, n_kv, self.max_len, hd), v.new_empty(B, n_kv, self.max_len, hd)
+        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, n_kv, len, hd)
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """Next ids (B, 1) from last-position logits (B, vocab); temperature 0 or top_k 1 is greedy."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1)
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
+    """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
+    if idx.dim() != 2 or idx.size(1) == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    if idx.size(1) + max_new_tokens > model.cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's {model.cfg.max_position_embeddings} positions")
+    if top_k is not None and top_k <= 0 or temperature < 0:
+        raise ValueError(f"top_k={top_k}, temperature={temperature}: need top_k >= 1 and temperature >= 0")
+    if isinstance(model, Ouroboros):
+        if model.options["pool"] == "mean":
+            raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
+                             "of all earlier positions (train with pool='causal')")
+        n_calls, run = len(model.prelude) + depth + len(model.coda), lambda x, kv: model(x, depth, caches=kv)
+    else:
+        n_calls, run = len(model.model.layers), lambda x, kv: model(x, caches=kv)
+    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(n_calls)]
+    x = idx
+    for _ in range(max_new_tokens):
+        x = sample(run(x, caches)[0][:, -1], temperature, top_k)  # (B, 1)
+        yield x
+
+
+def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
+    """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k)], 1)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Generate text with Ouroboros from a Qwen2 checkpoint.")
+    ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, "
+                    "safetensors, tokenizer.json)")
+    ap.add_argument("--trained", help="trainable weights saved by train.py (OUT/ouroboros.safetensors)")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--max-new-tokens", type=int, default=100)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=None)
+    which = ap.add_mutually_exclusive_group()
+    which.add_argument("--baseline", action="store_true", help="the pruned model, layer R once")
+    which.add_argument("--full", action="store_true", help="the unpruned model")
+    ap.add_argument("--device", default=None)
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    torch.manual_seed(args.seed)
+    from tokenizers import Tokenizer
+    try:
+        tok_file = Path(args.model) / "tokenizer.json"
+        if not tok_file.is_file():
+            raise FileNotFoundError(f"{tok_file}: not found")
+        tok, dtype = Tokenizer.from_file(str(tok_file)), args.dtype and getattr(torch, args.dtype)
+        if args.full:
+            model = Qwen2.from_pretrained(args.model, device=args.device, dtype=dtype)
+        else:
+            options = read_trainable_options(args.trained) if args.trained else {}
+            model = Ouroboros.from_pretrained(args.model, device=args.device, dtype=dtype, **options)
+            if args.trained:
+                model.load_trainable(args.trained)
+            model = model.base if args.baseline else model
+        device = next(model.parameters()).device
+        idx = torch.tensor([tok.encode(args.prompt).ids], dtype=torch.long, device=device)
+        new, t_first = [], None
+        for x in stream(model, idx, args.max_new_tokens, args.depth, args.temperature, args.top_k):
+            new.append(x.item())  # .item() waits for the device, so the clock is honest
+            t_first = t_first or time.perf_counter()
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(args.prompt + tok.decode(new))
+    if len(new) > 1:
+        print(f"decode: {(len(new) - 1) / (time.perf_counter() - t_first):.1f} tokens/s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
