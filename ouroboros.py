@@ -107,13 +107,13 @@ class Qwen2Config:
             refuse(f"rope scaling {raw.get('rope_scaling') or rope}")
         raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
                "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
-        if raw.get("head_dim", raw["hidden_size"] // raw["num_attention_heads"]) != \
-                raw["hidden_size"] // raw["num_attention_heads"]:
-            refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
         for f in fields(cls):
             if f.default is MISSING and raw.get(f.name) is None:
                 raise ValueError(f"{source}: key {f.name!r} is missing")
-        return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
+            refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
+        return cfg
 
     def to_dict(self):
         """config.json contents, as transformers 4.x writes them."""
@@ -314,7 +314,9 @@ class Checkpoint:
         else:
             raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
         self.shapes = {k: tuple(v.shape) for k, v in Qwen2.on_meta(cfg).state_dict().items()}
-        unexpected = sorted(set(self.where) - set(self.shapes))
+        missing, unexpected = sorted(set(self.shapes) - set(self.where)), sorted(set(self.where) - set(self.shapes))
+        if missing:
+            raise ValueError(f"{self.path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
         if unexpected:
             raise ValueError(f"{self.where[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
                              f"({len(unexpected)} in all) for a Qwen2 model of this config.json")
@@ -330,8 +332,6 @@ class Checkpoint:
         return self.open_files[file]
 
     def read(self, name):
-        if name not in self.where:
-            raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint")
         f = self.open(self.where[name])
         shape = tuple(f.get_slice(name).get_shape())
         if shape != self.shapes[name]:
