@@ -492,3 +492,34 @@ def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys
     ob.Ouroboros.from_pretrained(other, device="cpu").save_trainable(tmp_path / "t.safetensors")
     with pytest.raises(SystemExit, match="saved with other options .*config hidden_size: file 48, model 32"):
         ob.main(["--model", str(tiny), "--prompt", "hi", "--trained", str(tmp_path / "t.safetensors")])
+
+# ----------------------------------------------------------------------------------------
+# CUDA: bf16 frozen weights, flash attention (skipped without a GPU)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+def test_cuda_bf16_model_matches_float32_and_trains(tiny):
+    model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cuda"))
+    assert model.base.model.norm.weight.dtype == torch.bfloat16
+    reference = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    with torch.no_grad():  # same checkpoint; copy the random trainables across
+        for p, q in zip(model.trainable_parameters(), reference.trainable_parameters()):
+            q.copy_(p)
+    idx = ids()
+    logits, loss = model(idx.cuda(), depth=3, targets=idx.roll(-1, 1).cuda())
+    torch.testing.assert_close(logits.float().cpu(), reference(idx, depth=3)[0], atol=0.1, rtol=0.05)
+    loss.backward()
+    torch.optim.AdamW(model.trainable_parameters(), lr=3e-4).step()
+    assert (model.gate.bias != -2.0).all()
+    assert torch.equal(ob.generate(model, idx.cuda(), 5, depth=2, top_k=1)[:, :12].cpu(), idx)
+
+
+@cuda
+def test_cuda_flash_attention_serves_grouped_query_heads():
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    attn = ob.Attention(TINY).cuda().bfloat16()
+    x = torch.randn(2, 16, TINY.hidden_size, device="cuda", dtype=torch.bfloat16)
+    with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot take this call
+        attn(x, ob.rope(TINY, 0, 16, "cuda"))
