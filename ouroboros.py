@@ -30,7 +30,7 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
     pytest test_ouroboros.py                                                # test
 
 Sections, in reading order: config → Qwen2 blocks → loading → surgery and SVD bases →
-Controller → gate and per-step norms → the recurrent model → generation.
+Controller → the recurrent model (gate, per-step norms, the loop) → generation.
 """
 import argparse
 import json
@@ -421,6 +421,12 @@ class StaticModulation(nn.Module):
 
 
 class Ouroboros(nn.Module):
+    """Prelude, `depth` gated and normalised steps of the modulated layer R, coda.
+
+    Build it with from_pretrained (a checkpoint) or from_config (random frozen weights).
+    The constructor alone makes the trainables and an empty (meta) frozen trunk; `build`
+    fills the trunk and attaches the SVD bases."""
+
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
                  controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=64):
         super().__init__()
