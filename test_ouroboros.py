@@ -493,6 +493,17 @@ def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys
     with pytest.raises(SystemExit, match="saved with other options .*config hidden_size: file 48, model 32"):
         ob.main(["--model", str(tiny), "--prompt", "hi", "--trained", str(tmp_path / "t.safetensors")])
 
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "hi", "--max-new-tokens", "4", "--top-k", "0"], "top_k=0"),
+    (["--prompt", "hi", "--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5"),
+    (["--prompt", "hi", "--max-new-tokens", "100"], "exceeds the model's 64 positions"),
+])
+def test_command_line_refuses_bad_input_in_one_line(tiny, args, message):
+    with pytest.raises(SystemExit, match=f"^error: .*{message}[^\\n]*$"):
+        ob.main(["--model", str(tiny), *args])
+
 # ----------------------------------------------------------------------------------------
 # CUDA: bf16 frozen weights, flash attention (skipped without a GPU)
 
