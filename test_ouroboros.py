@@ -1,4 +1,4 @@
-"""Tests that read like the specification (SPEC.md). CPU, offline, a few seconds each.
+"""Tests that read like the specification (SPEC.md). CPU, offline, seconds each.
 
 Tiny random Qwen2 checkpoints are written to tmp_path in the exact Hugging Face layout
 (config.json, model.safetensors or an index + shards, tokenizer.json) and read back
@@ -6,21 +6,32 @@ through the real loader.
 """
 import json
 import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
 
 import ouroboros as ob
+import train
+from data import prepare
 from train import write_checkpoint, write_tokenizer
+
+HERE = Path(__file__).parent
 
 TINY = ob.Qwen2Config(vocab_size=288, hidden_size=32, intermediate_size=48, num_hidden_layers=6,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                       rms_norm_eps=1e-6, rope_theta=5e4, tie_word_embeddings=True)
 # Default split of 6 layers: prelude [0, 1), recurrent 3, coda [5, 6); removed 1, 2, 4.
 
-QWEN25_3B = ob.Qwen2Config(vocab_size=151936, hidden_size=2048, intermediate_size=11008,
-                           num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
-                           rope_theta=1e6, tie_word_embeddings=True)
+QWEN25_3B = ob.Qwen2Config.from_pretrained(HERE / "configs" / "Qwen2.5-3B")  # the official config.json
 
 
 def random_tensors(cfg, std=0.2):
@@ -503,6 +514,414 @@ def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys
 def test_command_line_refuses_bad_input_in_one_line(tiny, args, message):
     with pytest.raises(SystemExit, match=f"^error: .*{message}[^\\n]*$"):
         ob.main(["--model", str(tiny), *args])
+
+
+# ----------------------------------------------------------------------------------------
+# train.py and data/prepare.py, on the demo's model and data (train.make_demo): a random
+# 6-layer Qwen2 in the Hugging Face layout, a tokenizer trained on this repository's text,
+# and data made by the real data/prepare.py.
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """(model dir, data dir) of the demo: made once, read by every test (never written to)."""
+    return train.make_demo(tmp_path_factory.mktemp("demo"))
+
+
+def run_args(demo, out, *extra):
+    """A tiny but complete run: 4 updates of 2 x 2 sequences of 16 tokens."""
+    model, data = demo
+    return ["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--steps", "4",
+            "--batch-size", "2", "--grad-accum", "2", "--seq-len", "16", "--warmup", "1", "--lr", "1e-2",
+            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--depth", "2", *extra]
+
+
+def metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def error_line(argv):
+    """Run train.main and return its error line; it must be one line and say 'error:'."""
+    with pytest.raises(SystemExit) as e:
+        train.main(argv)
+    message = str(e.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+# ----------------------------------------------------------------------------------------
+# data/prepare.py
+
+
+def write_docs(folder, docs, kind):
+    """The documents as one .jsonl, or as one .txt per document."""
+    folder.mkdir(parents=True)
+    if kind == "jsonl":
+        (folder / "docs.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    else:
+        for i, d in enumerate(docs):
+            (folder / f"{i:03d}.txt").write_text(d)
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "txt"])
+@pytest.mark.parametrize("as_folder", [True, False])
+def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
+    """Decoding train.bin and val.bin, cut at EOS, gives back every document exactly once, the
+    held-out ones being every 4th (val fraction 0.25: documents 3, 7, 11, ...)."""
+    docs = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nÜnïcödé ✓" for i in range(12)]
+    write_docs(tmp_path / "in", docs, kind)
+    inputs = [tmp_path / "in"] if as_folder else sorted((tmp_path / "in").iterdir())
+    meta = prepare.prepare(inputs, demo[0], tmp_path / "out", val_fraction=0.25, log=lambda *a, **k: None)
+    tok, eos, sha = prepare.load_tokenizer(demo[0])
+
+    def decode(split):
+        ids = np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32)
+        assert len(ids) == meta[f"{split}_tokens"] and ids[-1] == eos
+        cuts = np.flatnonzero(ids == eos)
+        return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip([-1, *cuts[:-1]], cuts)]
+    assert decode("val") == [docs[i] for i in (3, 7, 11)]
+    assert decode("train") == [d for i, d in enumerate(docs) if i not in (3, 7, 11)]
+    assert meta["tokenizer_sha256"] == sha and meta["eos_id"] == eos and meta["vocab_size"] == tok.get_vocab_size()
+    assert (meta["train_documents"], meta["val_documents"]) == (9, 3)
+    assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
+    assert not list((tmp_path / "out").glob("*.tmp"))  # written atomically: nothing left behind
+
+
+def test_prepare_parquet_without_pyarrow_says_so(tmp_path, demo, monkeypatch):
+    (tmp_path / "x.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "pyarrow", None)  # `import pyarrow` now fails, as when not installed
+    with pytest.raises(SystemExit) as e:
+        prepare.main([str(tmp_path / "x.parquet"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "o")])
+    assert "pyarrow" in str(e.value.code) and "x.parquet" in str(e.value.code)
+
+
+@pytest.mark.parametrize("setup, expected", [
+    (lambda d: (d / "a.csv").write_text("x"), "unsupported file type"),
+    (lambda d: (d / "a.jsonl").write_text('{"txt": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), "not UTF-8"),
+    (lambda d: (d / "a.txt").write_text("one document only"), "leave a split empty"),
+])
+def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path, demo, setup, expected):
+    setup(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        prepare.main([str(next(tmp_path.iterdir())), "--tokenizer", str(demo[0]),
+                      "--out", str(tmp_path / "o")])
+    assert expected in str(e.value.code) and "\n" not in str(e.value.code)
+    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+
+# ----------------------------------------------------------------------------------------
+# The batch, the loss and the schedule
+
+
+class BatchShape:
+    batch_size, seq_len, grad_accum = 3, 8, 2
+
+
+def test_loss_uses_targets_shifted_once(demo):
+    """On the tokens 0, 1, 2, ... every target is its input + 1 (shifted twice it would be + 2), and
+    the model's loss on (x, y) is the cross-entropy of logits[:, t] against the token at t + 1."""
+    x, y = train.get_batch(np.arange(500, dtype=np.uint32), BatchShape, (0, 0, 0, 0), 0, "cpu")
+    assert x.shape == y.shape == (3, 8) and torch.equal(y, x + 1)
+    model = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
+    tokens = np.fromfile(demo[1] / "train.bin", dtype=np.uint32)
+    x, y = train.get_batch(tokens, BatchShape, (0, 0, 0, 0), 0, "cpu")
+    logits, loss = model(x, 2, y)
+    window = torch.cat([x, y[:, -1:]], 1)  # (B, T+1): the tokens as they lie in the file
+    torch.testing.assert_close(loss, F.cross_entropy(logits.flatten(0, 1), window[:, 1:].flatten()))
+
+
+def test_batch_is_a_pure_function_of_seed_step_micro_rank():
+    tokens = np.arange(10_000, dtype=np.uint32)
+    batch = {key: train.get_batch(tokens, BatchShape, key[:4], key[4], "cpu")[0]
+             for key in [(0, 0, 5, 0, 0), (0, 0, 5, 0, 1), (0, 0, 5, 1, 0), (0, 0, 6, 0, 0), (1, 0, 5, 0, 0)]}
+    assert torch.equal(batch[0, 0, 5, 0, 0], train.get_batch(tokens, BatchShape, (0, 0, 5, 0), 0, "cpu")[0])
+    assert len({tuple(b.flatten().tolist()) for b in batch.values()}) == len(batch)  # every key its own batch
+
+
+def test_lr_schedule_warmup_then_cosine_in_optimizer_steps(tmp_path, demo):
+    """Warmup 2 of 10 steps: lr/2, lr, then cosine: at step 6 (half of the 8 cosine steps) the mean
+    of lr and min-lr. A run with 3 micro-steps per update logs one line per optimizer step, each
+    with get_lr of that step: the schedule counts optimizer steps, not micro-steps."""
+    class A:
+        lr, min_lr, warmup, steps = 1.0, 0.1, 2, 10
+    assert [train.get_lr(s, A) for s in (0, 1, 2, 6, 10)] == pytest.approx([0.5, 1.0, 1.0, 0.55, 0.1])
+    assert train.get_lr(9, A) < train.get_lr(8, A) < train.get_lr(7, A)
+    train.main(run_args(demo, tmp_path, "--grad-accum", "3", "--steps", "5", "--warmup", "2"))
+    args = train.parse_args(run_args(demo, tmp_path, "--steps", "5", "--warmup", "2"))
+    assert [m["lr"] for m in metrics(tmp_path)] == [train.get_lr(s, args) for s in range(5)]
+
+
+def test_grad_accumulation_matches_one_big_batch(tmp_path, demo):
+    """2 sequences in one micro-batch or 1 + 1 in two: the same tokens, the same mean loss and
+    gradient norm (a sum instead of a mean would double it), the same weights after 2 updates."""
+    one = train.main(run_args(demo, tmp_path / "a", "--steps", "2", "--batch-size", "2", "--grad-accum", "1"))
+    two = train.main(run_args(demo, tmp_path / "b", "--steps", "2", "--batch-size", "1", "--grad-accum", "2"))
+    for m, n in zip(metrics(tmp_path / "a"), metrics(tmp_path / "b")):
+        assert (m["loss"], m["grad_norm"]) == pytest.approx((n["loss"], n["grad_norm"]), rel=1e-5)
+    for p, q in zip(one.trainable_parameters(), two.trainable_parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-4)  # Adam divides by sqrt(v): round-off grows
+    assert not torch.equal(one.gate.bias, torch.full_like(one.gate.bias, -2.0))  # it did train
+
+
+def test_trainables_are_float32_master_weights(tmp_path, demo):
+    """Frozen weights bf16, trainables float32: one AdamW step of lr 1e-4 moves the gate bias from
+    -2 by ~1e-4, far below bf16's spacing of 2^-6 = 0.0156 there, so a bf16 copy would not move."""
+    model = train.main(run_args(demo, tmp_path, "--dtype", "bfloat16", "--steps", "1", "--warmup", "0",
+                                "--lr", "1e-4"))
+    assert model.base.model.norm.weight.dtype == torch.bfloat16
+    assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
+    moved = model.gate.bias.detach() + 2
+    assert (moved.abs() > 1e-5).all() and (moved.abs() < 2e-4).all()
+    assert (model.gate.bias.to(torch.bfloat16) == -2).all()
+
+
+def test_depths_draws_each_update_from_the_list(tmp_path, demo):
+    train.main(run_args(demo, tmp_path, "--depths", "1,3", "--steps", "8", "--eval-every", "100"))
+    assert {m["depth"] for m in metrics(tmp_path)} == {1, 3}
+
+
+def test_flops_per_token_matches_torch_flop_counter(demo):
+    """The MFU formula against torch's own count of the matmuls of one forward + backward. The
+    formula counts the input gradients of every matmul of the loop; at step 0 the input (the
+    prelude's output) needs none, so the formula may exceed the count by a few percent."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
+    x = torch.randint(0, 500, (2, 32))
+    for checkpointing in (False, True):
+        model.checkpointing = checkpointing
+        with FlopCounterMode(display=False) as counter:
+            model(x, 3, x)[1].backward()
+        formula = train.flops_per_token(model, 3, 32) * x.numel()
+        assert 1.0 <= formula / counter.get_total_flops() < 1.05, (checkpointing, counter.get_total_flops())
+
+# ----------------------------------------------------------------------------------------
+# Evaluation, checkpoints, resume
+
+
+def test_final_table_is_one_protocol_with_reduction_and_gap(tmp_path, demo):
+    """results.json: baseline, full and ours under evaluate's protocol. The baseline's held-out
+    loss is recomputed here by hand (mean cross-entropy over the same fixed batches, next token),
+    and the percentages follow (base - ours) / base and (base - ours) / (base - full)."""
+    train.main(run_args(demo, tmp_path, "--eval-full"))
+    res = json.loads((tmp_path / "results.json").read_text())
+    args = train.parse_args(run_args(demo, tmp_path))
+    model = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
+    val = np.fromfile(demo[1] / "val.bin", dtype=np.uint32)
+    by_hand = []
+    for i in range(args.eval_batches):
+        x, y = train.get_batch(val, args, (args.seed, train.VAL, i, 0), 0, "cpu")
+        by_hand.append(F.cross_entropy(model.baseline(x)[0].flatten(0, 1), y.flatten()).item())
+    by_hand = np.mean(by_hand)
+    assert res["baseline"]["held-out"] == pytest.approx(by_hand, rel=1e-6)
+    for s in ("train", "held-out"):
+        b, f, o = res["baseline"][s], res["full"][s], res["ours"][s]
+        assert res["loss reduction %"][s] == pytest.approx(100 * (b - o) / b)
+        assert res["gap recovered %"][s] == pytest.approx(100 * (b - o) / (b - f))
+    assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [2, 4]  # --eval-every 2
+
+
+def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
+    """No pickles: optimizer moments for every trainable in safetensors, the rest in JSON, and
+    ouroboros.safetensors loads into a fresh model with Ouroboros.load_trainable."""
+    trained = train.main(run_args(demo, tmp_path))
+    assert sorted(f.name for f in tmp_path.iterdir()) == [
+        "metrics.jsonl", "optimizer.safetensors", "ouroboros.safetensors", "results.json", "state.json"]
+    moments = load_file(tmp_path / "optimizer.safetensors")
+    for name, p in trained.named_trainable():
+        assert moments[f"{name}.exp_avg"].shape == p.shape and moments[f"{name}.step"].item() == 4
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["step"] == 4 and state["options"]["rank"] == 8 and state["tokens_seen"] == 4 * 2 * 2 * 16
+    fresh = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
+    fresh.load_trainable(tmp_path / "ouroboros.safetensors")
+    x = torch.randint(0, 500, (1, 12))
+    assert torch.equal(fresh(x, 2)[0], trained(x, 2)[0])
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, sig):
+    """A signal during update 3 of 6: the update finishes, is saved, and the run ends cleanly; the
+    resumed run then ends bit for bit where the uninterrupted one does (CPU, float32)."""
+    whole = train.main(run_args(demo, tmp_path / "once", "--steps", "6", "--save-every", "100"))
+    get_lr, handler = train.get_lr, signal.getsignal(sig)
+
+    def interrupt_at_2(step, args):
+        if step == 2:
+            os.kill(os.getpid(), sig)
+        return get_lr(step, args)
+    monkeypatch.setattr(train, "get_lr", interrupt_at_2)
+    argv = run_args(demo, tmp_path / "twice", "--steps", "6", "--save-every", "100")
+    train.main(argv)
+    assert json.loads((tmp_path / "twice" / "state.json").read_text())["step"] == 3
+    assert signal.getsignal(sig) is handler  # the handler is given back
+    monkeypatch.setattr(train, "get_lr", get_lr)
+    resumed = train.main(argv + ["--resume"])
+    for (name, p), q in zip(whole.named_trainable(), resumed.trainable_parameters()):
+        assert torch.equal(p, q), name
+    assert [m["loss"] for m in metrics(tmp_path / "once")] == \
+        [m["loss"] for m in metrics(tmp_path / "twice")]  # steps 1-3 before the signal, 4-6 after
+
+
+CHECKPOINT_FILES = ("ouroboros.safetensors", "optimizer.safetensors", "state.json")
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, demo, monkeypatch):
+    """Loss NaN from update 4 on: the run stops with one line before applying it, and the files
+    are still those saved at update 2, byte for byte."""
+    forward, save, calls, saved = ob.Ouroboros.forward, train.save, [], []
+
+    def nan_from_call_4(self, idx, depth=4, targets=None, caches=None):
+        logits, loss = forward(self, idx, depth, targets, caches)
+        calls.append(1)
+        return logits, loss * float("nan") if len(calls) >= 4 else loss
+
+    def save_and_copy(out, *args):
+        save(out, *args)
+        saved.append({name: (out / name).read_bytes() for name in CHECKPOINT_FILES})
+    monkeypatch.setattr(ob.Ouroboros, "forward", nan_from_call_4)
+    monkeypatch.setattr(train, "save", save_and_copy)
+    message = error_line(run_args(demo, tmp_path, "--grad-accum", "1", "--eval-every", "100", "--steps", "6"))
+    assert "step 4: loss nan" in message and "checkpoint (step 2) is kept" in message
+    assert len(saved) == 1 and {name: (tmp_path / name).read_bytes() for name in CHECKPOINT_FILES} == saved[0]
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+
+# ----------------------------------------------------------------------------------------
+# Bad input to train.py: one line naming the cause, nothing lost
+
+
+def truncate(file):
+    file.write_bytes(file.read_bytes()[:file.stat().st_size // 2])
+
+
+def edit_meta(data_dir, **changes):
+    meta = json.loads((data_dir / "meta.json").read_text())
+    (data_dir / "meta.json").write_text(json.dumps({**meta, **changes}))
+
+
+def tiny_data(model, data):
+    """Data whose held-out split is 4 documents of ~4 tokens: too short for 64-token windows."""
+    (data / "t.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(400)))
+    prepare.prepare([data / "t.jsonl"], model, data, val_fraction=0.01, log=lambda *a, **k: None)
+
+
+# case: (extra options, setup(model dir, data dir) of the copies, what the error line must say)
+BAD_RUNS = {
+    "missing model": (["--model", "nowhere"], None, "nowhere/config.json: not found (download the model: "
+                                                    "huggingface-cli download Qwen/Qwen2.5-3B"),
+    "missing data": (["--data", "nowhere"], None, "nowhere/meta.json: not found (make it: python data/prepare.py"),
+    "corrupt safetensors": ([], lambda m, d: (m / "model.safetensors").write_bytes(b"\x08\0\0\0\0\0\0\0garbage!"),
+                            "model.safetensors: not a readable safetensors file"),
+    "truncated safetensors": ([], lambda m, d: truncate(m / "model.safetensors"),
+                              "model.safetensors: not a readable safetensors file"),
+    "another tokenizer": ([], lambda m, d: edit_meta(d, tokenizer_sha256="0" * 64),
+                          "made with another tokenizer"),
+    "another vocabulary": ([], lambda m, d: edit_meta(d, vocab_size=151936),
+                           "vocab_size 151936 exceeds the model's 512"),
+    "truncated token file": ([], lambda m, d: truncate(d / "train.bin"), "train.bin: "),
+    "seq-len above the model": (["--seq-len", "257"], None, "--seq-len 257 exceeds max_position_embeddings 256"),
+    "seq-len above the data": (["--seq-len", "64"], tiny_data, "val.bin: "),
+    "depth 0": (["--depth", "0"], None, "depth 0 is outside 1..64"),
+    "depth above max_steps": (["--depths", "4,65"], None, "depth 65 is outside 1..64"),
+    "rank too large": (["--rank", "100"], None, "rank 100 is out of range"),
+    "resume without checkpoint": (["--resume"], None, "state.json: not found (no checkpoint to resume"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_RUNS))
+def test_bad_input_is_one_line_error(tmp_path, demo, case):
+    extra, setup, expected = BAD_RUNS[case]
+    model, data = tmp_path / "model", tmp_path / "data"
+    for src, dst in zip(demo, (model, data)):  # copies: the shared demo files stay intact
+        dst.mkdir()
+        for f in src.iterdir():
+            (dst / f.name).write_bytes(f.read_bytes())
+    if setup:
+        setup(model, data)
+    extra = [str(tmp_path / a) if a == "nowhere" else a for a in extra]
+    assert expected in error_line(run_args((model, data), tmp_path / "out", *extra)), case
+
+
+@pytest.mark.parametrize("change", [["--rank", "4"], ["--lr", "1e-3"], ["--pool", "mean"], ["--no-gate"]])
+def test_resume_with_other_options_is_refused(tmp_path, demo, change):
+    train.main(run_args(demo, tmp_path, "--steps", "2"))
+    before = (tmp_path / "ouroboros.safetensors").read_bytes()
+    message = error_line(run_args(demo, tmp_path, "--steps", "2", "--resume", *change))
+    assert "--resume with other options" in message and change[0][2:].replace("-", "_") in message
+    assert (tmp_path / "ouroboros.safetensors").read_bytes() == before
+
+
+def test_resume_refuses_a_half_written_checkpoint(tmp_path, demo):
+    train.main(run_args(demo, tmp_path, "--steps", "2"))
+    state = json.loads((tmp_path / "state.json").read_text())
+    (tmp_path / "state.json").write_text(json.dumps({**state, "step": 1}))  # as if killed between two files
+    message = error_line(run_args(demo, tmp_path, "--resume", "--steps", "2"))
+    assert "optimizer.safetensors: step 2, state.json says 1" in message
+
+
+def test_default_paths_say_how_to_get_them(tmp_path, demo, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert "huggingface-cli download Qwen/Qwen2.5-3B --local-dir models/Qwen2.5-3B" in error_line([])
+    message = error_line(["--model", str(demo[0]), "--seq-len", "16"])
+    assert "data/fineweb-edu/meta.json: not found" in message and "data/prepare.py" in message
+
+
+def test_cli_error_is_one_line_and_exit_status_1(tmp_path):
+    """The real command lines: exit status 1, one line on stderr, no traceback."""
+    for cmd in ([sys.executable, "train.py", "--model", str(tmp_path / "none")],
+                [sys.executable, "data/prepare.py", str(tmp_path / "none.txt"), "--tokenizer", "x", "--out", "y"],
+                [sys.executable, "ouroboros.py", "--model", str(tmp_path / "none"), "--prompt", "hi"]):
+        run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+        assert run.returncode == 1 and run.stderr.count("\n") == 1 and run.stderr.startswith("error: "), run.stderr
+
+# ----------------------------------------------------------------------------------------
+# Demo, benchmark, many processes
+
+
+def test_demo_loss_falls(tmp_path, capsys):
+    """The demo as a user runs it (its own model, tokenizer and data): the training loss of the
+    last 10 updates is below that of the first 5, and the held-out loss is below the baseline's."""
+    train.main(["--demo", "--out", str(tmp_path)])
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert len(losses) == 60 and np.mean(losses[-10:]) < np.mean(losses[:5]) - 0.03
+    res = json.loads((tmp_path / "results.json").read_text())
+    assert res["ours"]["held-out"] < res["baseline"]["held-out"] - 0.03
+    assert "RANDOM weights" in capsys.readouterr().out
+
+
+def test_benchmark_runs_from_config_json_alone(tmp_path, capsys):
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps(train.DEMO_CONFIG.to_dict()))
+    train.main(["--benchmark", "--model", str(tmp_path / "m"), "--out", str(tmp_path / "o"), "--device", "cpu",
+                "--steps", "3", "--seq-len", "32", "--batch-size", "1", "--grad-accum", "1",
+                "--peak-flops", "1e12"])
+    line = capsys.readouterr().out.splitlines()[-1]
+    assert line.startswith("benchmark: ") and "tok/s" in line and "MFU" in line and "MFU -" not in line
+    assert "peak memory" in line and not (tmp_path / "o" / "state.json").exists()
+
+
+def ddp_worker(rank, world, port, argv, out):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    train.main(argv).save_trainable(Path(out) / f"rank{rank}.safetensors")
+
+
+def test_ddp_two_processes_keep_identical_weights(tmp_path, demo):
+    """torchrun's environment, 2 CPU processes on gloo, each reading its own half of the data:
+    after 3 updates the trainables are identical on both ranks (only they are synchronised)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    argv = run_args(demo, tmp_path, "--steps", "3")
+    torch.multiprocessing.spawn(ddp_worker, args=(2, port, argv, str(tmp_path)), nprocs=2)
+    ranks = [load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1)]
+    assert all(torch.equal(ranks[0][k], ranks[1][k]) for k in ranks[0])
+    assert not torch.equal(ranks[0]["gate.bias"], torch.full_like(ranks[0]["gate.bias"], -2.0))
+    state = json.loads((tmp_path / "state.json").read_text())  # rank 0 saved
+    assert state["options"]["world_size"] == 2 and state["tokens_seen"] == 3 * 2 * 2 * 16 * 2
+    cfg = ob.Qwen2Config.from_pretrained(demo[0])
+    single = train.load_data(train.parse_args(argv), cfg, 0, 1)["train"]
+    halves = [train.load_data(train.parse_args(argv), cfg, r, 2)["train"] for r in (0, 1)]
+    assert np.array_equal(np.concatenate(halves), single) and len(halves[0]) < len(single)
 
 # ----------------------------------------------------------------------------------------
 # CUDA: bf16 frozen weights, flash attention (skipped without a GPU)
