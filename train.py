@@ -175,13 +175,14 @@ def evaluate(loss_fn, tokens, args, stream, rank, world, device):
 
 
 def flops_per_token(model, depth, T):
-    """Training FLOPs per token. A matmul with N weights costs 2N per token forward, and 2N for the
-    gradient of its input + 2N for that of its weights backward; frozen weights get no weight gradient:
+    """Model FLOPs per trained token, for MFU. As in PaLM, recomputation is not counted:
+    --checkpointing costs time but no model FLOPs. A matmul with N weights costs 2N per token
+    forward; backward, 2N for its input's gradient and 2N for its weights'. Frozen weights get
+    no weight gradient:
         prelude (no autograd)                      2 N_layer P
         loop, coda, lm_head (frozen)               4 (N_layer + N_lora) depth + 4 N_layer C + 4 d V
         Controller and gate (trained)              6 N_train depth
         attention QKᵀ and AV (no causal halving)   4 T d per call forward, twice that backward
-        activation checkpointing                   + one more forward of each loop step
     N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected."""
     cfg, P, C = model.cfg, len(model.prelude), len(model.coda)
     attn = 4 * T * cfg.hidden_size
@@ -189,9 +190,8 @@ def flops_per_token(model, depth, T):
     lora = sum(b.numel() for b in model.layer.buffers())
     train = sum(m.weight.numel() for m in model.modules()
                 if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
-    flops = (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
-             + C * (4 * layer + 3 * attn) + 4 * cfg.hidden_size * cfg.vocab_size)
-    return flops + model.checkpointing * depth * (2 * (layer + lora + train) + attn)
+    return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
+            + C * (4 * layer + 3 * attn) + 4 * cfg.hidden_size * cfg.vocab_size)
 
 
 def peak_memory(device):
