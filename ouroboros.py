@@ -378,6 +378,12 @@ class Checkpoint:
             raise ValueError(f"{self.where[name]}: tensor {name!r} is unreadable ({e})") from None
 
 
+def save_atomic(tensors, file, metadata=None):
+    """safetensors to file.tmp, then a rename: never a half-written file."""
+    save_file(tensors, f"{file}.tmp", metadata=metadata)
+    os.replace(f"{file}.tmp", file)
+
+
 def random_weights(cfg, device, std=0.02):
     """A stand-in for Checkpoint.read: N(0, std) for every tensor, 1 + N(0, std) for norms."""
     shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
@@ -582,8 +588,7 @@ class Ouroboros(nn.Module):
         """Trainable tensors to safetensors, with the options and config as metadata."""
         tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable()}
         meta = {"ouroboros": json.dumps(self.options), "config": json.dumps(asdict(self.cfg))}
-        save_file(tensors, f"{file}.tmp", metadata=meta)
-        os.replace(f"{file}.tmp", file)  # never a half-written file
+        save_atomic(tensors, file, meta)
 
     def load_trainable(self, file):
         options, config = read_trainable_options(file, with_config=True)

@@ -207,8 +207,7 @@ def save(out, model, opt, state):
     """Optimizer state, trainables, then state.json last: a resume checks the three agree."""
     names = [n for n, _ in model.named_trainable()]
     moments = {f"{names[i]}.{k}": v.cpu() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    save_file(moments, out / "optimizer.safetensors.tmp", metadata={"step": str(state["step"])})
-    os.replace(out / "optimizer.safetensors.tmp", out / "optimizer.safetensors")
+    ob.save_atomic(moments, out / "optimizer.safetensors", {"step": str(state["step"])})
     model.save_trainable(out / "ouroboros.safetensors")
     write_json(out / "state.json", state)
 
@@ -308,7 +307,7 @@ def show(value, spec):
 def train(args):
     # Processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is a world of one.
     world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = ob.placement(args.device, None)[0]
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
