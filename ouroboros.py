@@ -56,6 +56,16 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
 # Config: one dataclass, filled from the checkpoint's config.json
 
 
+def read_json(file, hint):
+    """A JSON file, or one line naming it: not found (with a hint how to get it), or not JSON."""
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: not found ({hint})")
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
 @dataclass
 class Qwen2Config:
     vocab_size: int
@@ -84,12 +94,7 @@ class Qwen2Config:
     @classmethod
     def from_pretrained(cls, path):
         file = Path(path) / "config.json"
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: not found (a Hugging Face checkpoint directory has one)")
-        try:
-            return cls.from_dict(json.loads(file.read_text()), source=file)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from None
+        return cls.from_dict(read_json(file, "a Hugging Face checkpoint directory has one"), source=file)
 
     @classmethod
     def from_dict(cls, raw, source="config"):
@@ -341,7 +346,7 @@ class Checkpoint:
         self.path, self.device, self.open_files = Path(path), device, {}
         index = self.path / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map") or {}
+            weight_map = read_json(index, "").get("weight_map") or {}
             self.where = {name: self.path / file for name, file in weight_map.items()}
         elif (self.path / "model.safetensors").is_file():
             file = self.path / "model.safetensors"

@@ -411,6 +411,8 @@ BAD_CHECKPOINTS = {
     "missing config.json": (lambda p: (p / "config.json").unlink(), "config.json: not found"),
     "missing shard": (lambda p: (p / "model-00002-of-00003.safetensors").unlink(),
                       "model-00002-of-00003.safetensors: shard not found"),
+    "corrupt index": (lambda p: (p / "model.safetensors.index.json").write_text("{"),
+                      "model.safetensors.index.json: not valid JSON"),
     "no weights": (lambda p: [f.unlink() for f in p.glob("model*")], "no model.safetensors"),
     "missing tensor": (drop("model.layers.4.self_attn.k_proj.bias"), "'model.layers.4.self_attn.k_proj.bias' is missing"),
     "unexpected tensor": (extra, "unexpected tensor 'model.layers.6.mlp.up_proj.weight'"),
@@ -428,7 +430,7 @@ BAD_CHECKPOINTS = {
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
 def test_bad_checkpoint_is_refused_clearly(tmp_path, case):
     break_it, message = BAD_CHECKPOINTS[case]
-    write_tiny(tmp_path, shards=3 if case == "missing shard" else 1)
+    write_tiny(tmp_path, shards=3 if case in ("missing shard", "corrupt index") else 1)
     break_it(tmp_path)
     with pytest.raises((ValueError, FileNotFoundError), match=message) as e:
         ob.Ouroboros.from_pretrained(tmp_path, device="cpu")

@@ -99,15 +99,6 @@ def parse_args(argv=None):
 # Data: random windows of the token files, each batch a pure function of its key
 
 
-def read_json(file, hint):
-    if not Path(file).is_file():
-        raise FileNotFoundError(f"{file}: not found ({hint})")
-    try:
-        return json.loads(Path(file).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-
-
 def write_json(file, obj):
     Path(f"{file}.tmp").write_text(json.dumps(obj, indent=2))
     os.replace(f"{file}.tmp", file)  # atomic: never a half-written file
@@ -116,7 +107,7 @@ def write_json(file, obj):
 def load_data(args, cfg, rank, world):
     """This rank's share of train.bin and val.bin, once they are known to fit this model."""
     data = Path(args.data)
-    meta = read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
+    meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
                      f"--out {data}; see the README's Data section")
     sha = prepare.load_tokenizer(args.model)[2]
     if meta.get("tokenizer_sha256") != sha:
@@ -213,7 +204,7 @@ def save(out, model, opt, state):
 
 
 def resume(out, model, opt, options):
-    state = read_json(out / "state.json", "no checkpoint to resume: run without --resume")
+    state = ob.read_json(out / "state.json", "no checkpoint to resume: run without --resume")
     diff = [f"{k}: checkpoint {state['options'].get(k)!r}, now {v!r}" for k, v in options.items()
             if state["options"].get(k) != v]
     if diff:
