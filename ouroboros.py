@@ -294,6 +294,13 @@ class Qwen2(nn.Module):
         device, dtype = placement(device, dtype)
         return load_frozen(cls.on_meta(cfg, layers), random_weights(cfg, device), dtype)
 
+    def save_pretrained(self, path):
+        """config.json and model.safetensors in the Hugging Face layout: from_pretrained reads them."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_atomic({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                    Path(path) / "model.safetensors", {"format": "pt"})
+        write_json(Path(path) / "config.json", self.cfg.to_dict())
+
     @classmethod
     def on_meta(cls, cfg, layers=None):
         """The module with shapes but no storage, to be filled by load_frozen."""
@@ -389,6 +396,12 @@ def save_atomic(tensors, file, metadata=None):
     os.replace(f"{file}.tmp", file)
 
 
+def write_json(file, obj):
+    """JSON to file.tmp, then a rename: never a half-written file."""
+    Path(f"{file}.tmp").write_text(json.dumps(obj, indent=2))
+    os.replace(f"{file}.tmp", file)
+
+
 def random_weights(cfg, device, std=0.02):
     """A stand-in for Checkpoint.read: N(0, std) for every tensor, 1 + N(0, std) for norms."""
     shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
@@ -476,7 +489,7 @@ class Ouroboros(nn.Module):
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
                  controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=64):
         super().__init__()
-        for name, value, allowed in (("controller", controller, ("dynamic", "static")),
+        for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
                                      ("pool", pool, ("causal", "mean"))):
             if value not in allowed:
                 raise ValueError(f"{name}={value!r}: choose one of {allowed}")
@@ -494,8 +507,13 @@ class Ouroboros(nn.Module):
             if not 1 <= rank <= min(out, inp):
                 raise ValueError(f"rank {rank} is out of range for {t} ({out} x {inp}): use 1..{min(out, inp)}")
         self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
-        self.controller = (Controller(d, rank, max_steps) if controller == "dynamic"
-                           else StaticModulation(rank, max_steps))
+        if controller == "dynamic":
+            self.controller = Controller(d, rank, max_steps)
+        elif controller == "static":
+            self.controller = StaticModulation(rank, max_steps)
+        else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
+            self.controller = None
+        self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
         self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
         if gate:
             nn.init.zeros_(self.gate.weight)
@@ -535,10 +553,12 @@ class Ouroboros(nn.Module):
 
     def modulation(self, h, s, cache=None):
         """c_s, scaled by α/r: (B, T, 7, r) per position for the causal pool, (B, 1, 7, r) per
-        sequence for the mean pool, (7, r) for the static table."""
+        sequence for the mean pool, (7, r) for the static table, None with no controller."""
+        if self.controller is None:
+            return None
         if isinstance(self.controller, StaticModulation):
             return self.scale * self.controller(None, s)
-        if self.options["pool"] == "mean":  # the paper's: every position sees the whole sequence
+        if self.pool == "mean":  # the paper's: every position sees the whole sequence
             p = h.float().mean(1, keepdim=True)  # (B, 1, d)
         else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
             past = cache.len if cache is not None else 0
@@ -668,7 +688,7 @@ def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
     if top_k is not None and top_k <= 0 or temperature < 0:
         raise ValueError(f"top_k={top_k}, temperature={temperature}: need top_k >= 1 and temperature >= 0")
     if isinstance(model, Ouroboros):
-        if model.options["pool"] == "mean":
+        if model.pool == "mean":
             raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
                              "of all earlier positions (train with pool='causal')")
         n_calls, run = len(model.prelude) + depth + len(model.coda), lambda x, kv: model(x, depth, caches=kv)

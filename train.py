@@ -2,15 +2,18 @@
 Train Ouroboros: only the Controller, the gate and the per-step norms learn; Qwen2 is frozen.
 
     python train.py --depth 4 --rank 8                      # the paper's recipe on a GPU
-    python train.py --demo                                  # a one-minute CPU smoke run on random weights
+    python train.py --demo                                  # a few CPU minutes: a real result in miniature
     torchrun --nproc_per_node 8 train.py --depth 4          # data parallel on 8 GPUs
     python train.py --benchmark --model configs/Qwen2.5-3B  # speed from a config.json alone
+    python train.py --pretrain --model DIR --data DIR       # every weight of a from-scratch Qwen2
 
 The recipe (paper): AdamW (0.9, 0.95), lr 3e-4, weight decay 0.01, linear warmup then cosine
 to 1e-6 counted in optimizer steps, gradient clipping at 1.0, 2 sequences x 16 accumulation
 x 2048 tokens = 65,536 tokens per update; frozen weights bf16, trainable weights float32.
 In --out: metrics.jsonl (a line per step), ouroboros.safetensors (Ouroboros.load_trainable
 reads it), optimizer.safetensors + state.json (for --resume), results.json (the final table).
+With --pretrain, --out is a Hugging Face checkpoint instead: config.json, model.safetensors
+and tokenizer.json, which Qwen2.from_pretrained and Ouroboros.from_pretrained load.
 """
 import argparse
 import datetime
@@ -18,6 +21,7 @@ import json
 import math
 import os
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -27,25 +31,31 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 import ouroboros as ob
 from data import prepare
 
 MAX_STEPS = 64  # the Controller's step table: --depth can be 1..64
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU (SXM)
-# What a run learns depends on every option but these; a resume may change them freely.
-FREE = {"model", "data", "out", "resume", "device", "dtype", "compile", "checkpointing", "eval_every",
-        "eval_batches", "save_every", "eval_full", "peak_flops", "demo", "benchmark"}
+# What a run learns depends on every option but these; a resume may change them freely (and
+# --steps may grow: the run goes on, the cosine stretched to the new end).
+FREE = {"model", "data", "out", "resume", "overwrite", "steps", "device", "dtype", "compile", "checkpointing",
+        "eval_every", "eval_batches", "save_every", "eval_full", "peak_flops", "demo", "benchmark"}
 
 # ----------------------------------------------------------------------------------------
-# Options: the paper's recipe as defaults
+# Options: the paper's recipe as defaults, every range checked before anything is loaded
 
 
 def positive(text):
     if not text.isdigit() or int(text) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
     return int(text)
+
+
+def depth_list(text):
+    if not all(d.strip().isdigit() for d in text.split(",")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of depths, e.g. 4,8,16")
+    return [int(d) for d in text.split(",")]
 
 
 def parse_args(argv=None):
@@ -55,19 +65,19 @@ def parse_args(argv=None):
     a("--data", default="data/fineweb-edu", help="directory made by data/prepare.py")
     a("--out", default="out/ouroboros", help="checkpoints, metrics.jsonl, results.json")
     a("--depth", type=int, default=4, help="recurrence steps (1..64)")
-    a("--depths", type=lambda s: [int(d) for d in s.split(",")],
-      help="e.g. 4,8,16: one drawn per update (evaluation uses --depth)")
-    a("--rank", type=int, default=8)
+    a("--depths", type=depth_list, help="e.g. 4,8,16: one drawn per update (evaluation uses --depth)")
+    a("--rank", type=positive, default=8)
     a("--alpha", type=float, default=16.0)
     a("--prelude", type=int, help="P (default 8 of 36 layers)")
     a("--recurrent", type=int, help="R (default 18 of 36)")
     a("--coda", type=int, help="C (default 8 of 36)")
-    a("--controller", choices=["dynamic", "static"], default="dynamic")
+    a("--controller", choices=["dynamic", "static", "none"], default="dynamic",
+      help="static: a learned table per step; none: the loop alone (gate and norms train)")
     a("--pool", choices=["causal", "mean"], default="causal", help="mean: the paper's, sees the future")
     a("--no-gate", action="store_true")
     a("--no-step-norm", action="store_true")
     # 18,750 updates x 65,536 tokens = 1.2B tokens: the reference's 300,000 micro-batches of 2 x 2048.
-    a("--steps", type=positive, default=18750, help="optimizer steps")
+    a("--steps", type=positive, default=18750, help="optimizer steps (with --resume: more to go further)")
     a("--batch-size", type=positive, default=2, help="sequences per micro-batch")
     a("--grad-accum", type=positive, default=16, help="micro-batches per optimizer step")
     a("--seq-len", type=positive, default=2048)
@@ -82,12 +92,15 @@ def parse_args(argv=None):
     a("--dtype", choices=["float32", "bfloat16"], help="frozen weights: default bf16 on CUDA, float32 on CPU")
     a("--compile", action="store_true")
     a("--checkpointing", action="store_true", help="recompute each loop step in backward (deep loops)")
-    a("--seed", type=int, default=1337)
-    a("--resume", action="store_true", help="continue from the checkpoint in --out")
+    a("--seed", type=int, default=1337, help="trainables' initialisation and data order")
+    a("--resume", action="store_true", help="continue the run saved in --out")
+    a("--overwrite", action="store_true", help="start afresh on an --out that holds a run (it is lost)")
     a("--eval-full", action="store_true", help="also evaluate the unpruned model, for gap recovered")
     a("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (known: H100, H200, A100)")
-    a("--demo", action="store_true", help="tiny random model and data, CPU, under a minute")
+    a("--demo", action="store_true", help="a small Qwen2 pretrained on local text (cached), then Ouroboros")
     a("--benchmark", action="store_true", help="time --steps updates on random tokens and weights")
+    a("--pretrain", action="store_true", help="train every weight of a Qwen2 made from --model's config.json "
+      "(and its tokenizer.json); --out becomes a Hugging Face checkpoint")
     args = ap.parse_args(argv)
     if args.demo or args.benchmark:  # other defaults (what the command line gives still wins)
         ap.set_defaults(**DEMO if args.demo else dict(out="out/benchmark", steps=10, warmup=0))
@@ -95,20 +108,32 @@ def parse_args(argv=None):
     args.depths = args.depths or [args.depth]
     return args
 
+
+def check_options(args):
+    """Everything that can be refused without weights, in one line naming the flag and value."""
+    for a, b in (("demo", "benchmark"), ("demo", "pretrain"), ("benchmark", "pretrain"), ("demo", "resume"),
+                 ("resume", "overwrite"), ("pretrain", "eval_full")):
+        if getattr(args, a) and getattr(args, b):
+            raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
+    for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
+        if not 1 <= depth <= MAX_STEPS:
+            raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
+    for flag, ok, need in (("lr", args.lr > 0, "> 0"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
+                           ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
+                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0")):
+        if not ok:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
+    prepare.check_out(args.out, "--out")
+
 # ----------------------------------------------------------------------------------------
 # Data: random windows of the token files, each batch a pure function of its key
-
-
-def write_json(file, obj):
-    Path(f"{file}.tmp").write_text(json.dumps(obj, indent=2))
-    os.replace(f"{file}.tmp", file)  # atomic: never a half-written file
 
 
 def load_data(args, cfg, rank, world):
     """This rank's share of train.bin and val.bin, once they are known to fit this model."""
     data = Path(args.data)
     meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
-                     f"--out {data}; see the README's Data section")
+                        f"--out {data}; see the README's Data section")
     sha = prepare.load_tokenizer(args.model)[2]
     if meta.get("tokenizer_sha256") != sha:
         raise ValueError(f"{data}/meta.json: made with another tokenizer (sha256 {meta.get('tokenizer_sha256')}, "
@@ -144,6 +169,7 @@ def get_batch(tokens, args, key, micro, device):
 
 
 TRAIN, VAL, TRAIN_EVAL, DEPTH = range(4)  # independent random streams: training, evaluation, depth draws
+EVAL_SEED = 0  # evaluation batches do not depend on --seed: every seed is scored on the same tokens
 
 
 def mean_over_ranks(x, world):
@@ -156,8 +182,8 @@ def mean_over_ranks(x, world):
 @torch.no_grad()
 def evaluate(loss_fn, tokens, args, stream, rank, world, device):
     """Mean next-token loss of loss_fn(x, y) over --eval-batches batches that are the same at every
-    call: one protocol for the full model, the baseline and ours."""
-    losses = [loss_fn(*get_batch(tokens, args, (args.seed, stream, i, rank), 0, device))
+    call and for every seed: one protocol for the full model, the baseline and ours."""
+    losses = [loss_fn(*get_batch(tokens, args, (EVAL_SEED, stream, i, rank), 0, device))
               for i in range(args.eval_batches)]
     return mean_over_ranks(torch.stack(losses).float().mean(), world).item()
 
@@ -174,9 +200,15 @@ def flops_per_token(model, depth, T):
         loop, coda, lm_head (frozen)               4 (N_layer + N_lora) depth + 4 N_layer C + 4 d V
         Controller and gate (trained)              6 N_train depth
         attention QKᵀ and AV (no causal halving)   4 T d per call forward, twice that backward
-    N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected."""
-    cfg, P, C = model.cfg, len(model.prelude), len(model.coda)
+    N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected.
+    Pretraining (every weight trains): 6 N per token for the N weights of the matrices, plus attention."""
+    cfg = model.cfg
     attn = 4 * T * cfg.hidden_size
+    if not isinstance(model, ob.Ouroboros):  # the embedding is a lookup, but when tied it is also the head
+        matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+        return 6 * (matrices + cfg.tie_word_embeddings * cfg.vocab_size * cfg.hidden_size) + \
+            3 * attn * cfg.num_hidden_layers
+    P, C = len(model.prelude), len(model.coda)
     layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
     lora = sum(b.numel() for b in model.layer.buffers())
     train = sum(m.weight.numel() for m in model.modules()
@@ -194,22 +226,52 @@ def peak_memory(device):
 # Checkpoints: safetensors and JSON, no pickles; each file written to .tmp, then renamed
 
 
+def trainables(model):
+    """(name, tensor) of what trains: Ouroboros's additions, or every weight when pretraining."""
+    return model.named_trainable() if isinstance(model, ob.Ouroboros) else list(model.named_parameters())
+
+
 def save(out, model, opt, state):
-    """Optimizer state, trainables, then state.json last: a resume checks the three agree."""
-    names = [n for n, _ in model.named_trainable()]
+    """Optimizer state, weights, then state.json last: a resume checks that the three agree."""
+    names = [n for n, _ in trainables(model)]
     moments = {f"{names[i]}.{k}": v.cpu() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
     ob.save_atomic(moments, out / "optimizer.safetensors", {"step": str(state["step"])})
-    model.save_trainable(out / "ouroboros.safetensors")
-    write_json(out / "state.json", state)
+    if isinstance(model, ob.Ouroboros):
+        model.save_trainable(out / "ouroboros.safetensors")
+    else:  # pretraining: --out is a Hugging Face checkpoint (its tokenizer.json was copied at the start)
+        model.save_pretrained(out)
+    ob.write_json(out / "state.json", state)
 
 
-def resume(out, model, opt, options):
-    state = ob.read_json(out / "state.json", "no checkpoint to resume: run without --resume")
-    diff = [f"{k}: checkpoint {state['options'].get(k)!r}, now {v!r}" for k, v in options.items()
+SAVED = ("state.json", "optimizer.safetensors", "ouroboros.safetensors", "model.safetensors")  # a run's files
+
+
+def saved_run(args, run):
+    """The state.json of the run in --out, checked against this command before anything is loaded.
+    Without --resume, files of a run are refused (rerunning a command must not erase a run, nor
+    --out point at a model); with it, the options must be the same, and --steps may only grow."""
+    out, file = Path(args.out), Path(args.out) / "state.json"
+    if not args.resume:
+        found = next((out / f for f in SAVED if (out / f).is_file()), None)
+        if found and not args.overwrite:
+            raise ValueError(f"{found}: a run is saved in {out}; continue it with --resume (and a larger "
+                             "--steps to go further), or give another --out, or --overwrite to start afresh")
+        return None
+    state = ob.read_json(file, "no checkpoint to resume: run without --resume")
+    diff = [f"{k}: checkpoint {state['options'].get(k)!r}, now {v!r}" for k, v in run.items()
             if state["options"].get(k) != v]
     if diff:
-        raise ValueError(f"{out}/state.json: --resume with other options ({'; '.join(diff)})")
-    model.load_trainable(out / "ouroboros.safetensors")
+        raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
+    if args.steps <= state["step"]:
+        raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
+                         "give a larger --steps to continue it")
+    return state
+
+
+def restore(out, model, opt, state):
+    """Trainables and AdamW moments of the saved run (pretraining: the weights were loaded from --out)."""
+    if isinstance(model, ob.Ouroboros):
+        model.load_trainable(out / "ouroboros.safetensors")
     try:
         with safe_open(out / "optimizer.safetensors", framework="pt", device="cpu") as f:
             if f.metadata().get("step") != str(state["step"]):
@@ -217,70 +279,26 @@ def resume(out, model, opt, options):
                                  f"says {state['step']} (interrupted while saving)")
             sd = opt.state_dict()  # AdamW per tensor: step, exp_avg, exp_avg_sq
             sd["state"] = {i: {k: f.get_tensor(f"{n}.{k}") for k in ("step", "exp_avg", "exp_avg_sq")}
-                           for i, (n, _) in enumerate(model.named_trainable())}
+                           for i, (n, _) in enumerate(trainables(model))}
     except SafetensorError as e:
         raise ValueError(f"{out}/optimizer.safetensors: unreadable ({e})") from None
     opt.load_state_dict(sd)
-    return state
+
+
+def start_metrics(out, start):
+    """metrics.jsonl keeps the lines of steps 1..start (those of the saved run) and is appended to.
+    Lines logged after the last save are dropped: the resumed run logs those steps again."""
+    file, lines = out / "metrics.jsonl", []
+    if start and file.is_file():
+        lines = [line for line in file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
+    Path(f"{file}.tmp").write_text("".join(lines))
+    os.replace(f"{file}.tmp", file)
 
 # ----------------------------------------------------------------------------------------
-# Demo: a tiny random checkpoint in the Hugging Face layout, so nothing has to be downloaded
+# Demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then Ouroboros
 
-DEMO_CONFIG = ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                             rope_theta=10000.0, tie_word_embeddings=True)
-DEMO = dict(out="out/demo", device="cpu", steps=60, batch_size=8, grad_accum=1, seq_len=64, lr=1e-2,
-            warmup=5, eval_every=20, eval_batches=4)
-
-
-def write_checkpoint(path, config, tensors, shards=1):
-    """Write config.json and the tensors as model.safetensors, or as `shards` files + index."""
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(config, indent=2))
-    tensors = {name: t.contiguous() for name, t in tensors.items()}
-    if shards == 1:
-        return save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
-    weight_map = {}
-    names, per = list(tensors), -(-len(tensors) // shards)  # ceil: every shard gets some
-    for k in range(shards):
-        file = f"model-{k + 1:05d}-of-{shards:05d}.safetensors"
-        part = names[k * per:(k + 1) * per]
-        save_file({n: tensors[n] for n in part}, path / file, metadata={"format": "pt"})
-        weight_map.update(dict.fromkeys(part, file))
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (path / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-
-
-def write_tokenizer(path, texts, vocab_size):
-    """A byte-level BPE tokenizer.json (Qwen's kind) trained on `texts`, EOS <|endoftext|>."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    tok.save(str(Path(path) / "tokenizer.json"))
-    return tok
-
-
-def make_demo(out, seed=0):
-    """Random Qwen2 weights, a tokenizer trained on this repository's own .py and .md files, and
-    data made from the same text by data/prepare.py. Returns the model and data directories."""
-    out, texts = Path(out), [f.read_text() for f in sorted(Path(__file__).parent.glob("*.[pm][yd]"))]
-    torch.manual_seed(seed)
-    tensors = ob.Qwen2.from_config(DEMO_CONFIG, device="cpu").state_dict()  # N(0, 0.02) weights
-    write_checkpoint(out / "model", DEMO_CONFIG.to_dict(), tensors)
-    write_tokenizer(out / "model", texts, DEMO_CONFIG.vocab_size)
-    docs = [p for t in texts for p in t.split("\n\n") if p.strip()]  # a paragraph is a document
-    (out / "demo.jsonl").write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
-    prepare.prepare([out / "demo.jsonl"], out / "model", out / "data", val_fraction=0.1, log=lambda *a, **k: None)
-    return out / "model", out / "data"
-
-# ----------------------------------------------------------------------------------------
-# Training
+DEMO = dict(out="out/demo", device="cpu", steps=100, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3,
+            warmup=10, eval_every=25, eval_batches=8, eval_full=True, overwrite=True)
 
 
 def get_lr(step, args):
@@ -294,30 +312,20 @@ def get_lr(step, args):
 def show(value, spec):
     return "-" if value is None else format(value, spec)
 
+# ----------------------------------------------------------------------------------------
+# Training: setup, the loop, the final table
 
-def train(args):
-    # Processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is a world of one.
-    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
-    device = ob.placement(args.device, None)[0]
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    log, out = (print if rank == 0 else lambda *a, **k: None), Path(args.out)
+
+def setup(args, log, device, world, rank):
+    """Checks, data, model and optimizer, in that order: a bad option fails in a second, not after
+    loading. Returns what the loop needs."""
     if args.demo:
-        log("demo: a smoke run of the real code on a tiny model with RANDOM weights, nothing downloaded; "
-            "the loss falls as the trainables fit this repository's own text: no result")
-        if rank == 0:
-            make_demo(out, args.seed)
-        args.model, args.data = str(out / "model"), str(out / "data")
-        if world > 1:
-            dist.barrier()
-
-    # Checks that need no weights come first: a bad option fails in a second, not after loading.
-    for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
-        if not 1 <= depth <= MAX_STEPS:
-            raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
+        log("demo: a small Qwen2 pretrained on this Python's standard library (cached after the first run), "
+            "cut 3 / 6 / 3, then Ouroboros trained on it; baseline and ours scored on held-out files")
+        from experiments import miniature
+        args.model, args.data = map(str, miniature.base(Path(args.out), miniature.DEMO, log))
+        args.out = str(Path(args.out) / "ouroboros")
+    check_options(args)
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"{args.model}/config.json: not found (download the model: huggingface-cli "
                                 f"download Qwen/Qwen2.5-3B --local-dir {args.model}; or try --demo)")
@@ -325,6 +333,8 @@ def train(args):
     if args.seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings "
                          f"{cfg.max_position_embeddings} of {args.model}/config.json")
+    run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
+    state = None if args.benchmark else saved_run(args, run)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     splits = ({"train": np.random.default_rng(args.seed).integers(0, cfg.vocab_size, 2 * tokens_per_step + 1)}
               if args.benchmark else load_data(args, cfg, rank, world))
@@ -332,35 +342,64 @@ def train(args):
     # Model: frozen weights bf16 on CUDA (float32 on CPU); the trainables are float32 master
     # weights, initialised from the seed, so identical on every rank. The model autocasts inside.
     torch.manual_seed(args.seed)
-    options = dict(rank=args.rank, alpha=args.alpha, prelude=args.prelude, recurrent=args.recurrent,
-                   coda=args.coda, controller=args.controller, pool=args.pool, gate=not args.no_gate,
-                   step_norm=not args.no_step_norm, max_steps=MAX_STEPS)
     dtype = args.dtype and getattr(torch, args.dtype)
-    model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
-             else ob.Ouroboros.from_pretrained(args.model, device, dtype, **options))
-    model.checkpointing = args.checkpointing
-    forward = torch.compile(model) if args.compile else model
-    params = model.trainable_parameters()
+    out = Path(args.out)
+    if args.pretrain:  # every weight trains, in float32: N(0, 0.02) matrices, norms near 1
+        model = (ob.Qwen2.from_pretrained(out, device=device, dtype=torch.float32) if state
+                 else ob.Qwen2.from_config(cfg, device=device, dtype=torch.float32)).requires_grad_(True)
+    else:
+        options = dict(rank=args.rank, alpha=args.alpha, prelude=args.prelude, recurrent=args.recurrent,
+                       coda=args.coda, controller=args.controller, pool=args.pool, gate=not args.no_gate,
+                       step_norm=not args.no_step_norm, max_steps=MAX_STEPS)
+        model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
+                 else ob.Ouroboros.from_pretrained(args.model, device, dtype, **options))
+        model.checkpointing = args.checkpointing
+    params = [p for _, p in trainables(model)]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay,
                             fused=device.type == "cuda")
-    run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
-    start = resume(out, model, opt, run)["step"] if args.resume else 0
-    out.mkdir(parents=True, exist_ok=True)
+    if state:
+        restore(out, model, opt, state)
+    if rank == 0 and not args.benchmark:
+        out.mkdir(parents=True, exist_ok=True)
+        if args.overwrite:  # state.json first: what is left of the old run is never taken for a whole one
+            for f in SAVED:
+                (out / f).unlink(missing_ok=True)
+        start_metrics(out, state and state["step"])
+        if args.pretrain:  # the checkpoint's tokenizer is the one the data was made with
+            shutil.copyfile(Path(args.model) / "tokenizer.json", out / "tokenizer.json.tmp")
+            os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
     log(f"{sum(p.numel() for p in params):,} trainable | {tokens_per_step:,} tokens per step "
         f"({args.batch_size} x {args.seq_len} x {args.grad_accum} accumulation x {world} ranks) | {device}")
+    return model, opt, splits, run, (state or {"step": 0})["step"], tokens_per_step
 
-    # Reference losses before training, all under evaluate's one protocol.
-    def losses(loss_fn):
+
+def train(args):
+    # Processes: torchrun sets WORLD_SIZE, RANK and LOCAL_RANK; a plain run is a world of one.
+    world, rank = int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("RANK", 0))
+    log, device = (print if rank == 0 else lambda *a, **k: None), ob.placement(args.device, None)[0]
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    model, opt, splits, run, start, tokens_per_step = setup(args, log, device, world, rank)
+    out, params = Path(args.out), [p for _, p in trainables(model)]
+    forward = torch.compile(model) if args.compile else model
+    autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.pretrain and device.type == "cuda")
+
+    def loss_of(x, depth, y):  # Ouroboros autocasts inside; a pretrained Qwen2 computes in bf16 on CUDA
+        with autocast:
+            return (forward(x, y) if args.pretrain else forward(x, depth, y))[1]
+
+    def losses(loss_fn):  # every loss in the final table, under evaluate's one protocol
         return {"train": evaluate(loss_fn, splits["train"], args, TRAIN_EVAL, rank, world, device),
                 "held-out": evaluate(loss_fn, splits["val"], args, VAL, rank, world, device)}
 
-    def ours(x, y):
-        return model(x, args.depth, y)[1]
     ref = {}
-    if not args.benchmark:
+    if not (args.benchmark or args.pretrain):
         ref["baseline"] = losses(lambda x, y: model.baseline(x, y)[1])
         if args.eval_full:
-            full = ob.Qwen2.from_pretrained(args.model, device=device, dtype=dtype)
+            full = ob.Qwen2.from_pretrained(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype))
             ref["full"] = losses(lambda x, y: full(x, y)[1])
             del full
         log(" | ".join(f"{k}: train {v['train']:.4f} held-out {v['held-out']:.4f}" for k, v in ref.items()))
@@ -368,13 +407,11 @@ def train(args):
     # The loop: one optimizer step per iteration. Ctrl-C (or a scheduler's SIGTERM) lets the step
     # finish, saves it, and exits. Repeated signals change nothing (torchrun forwards its own
     # SIGINT to workers that already had the terminal's): Ctrl-\ quits at once, without saving.
-    stop, history, saved = [], [], start if args.resume else None
+    stop, history, saved = [], [], start or None
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.append(True))
     peak = args.peak_flops or next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda"
                                     and k in torch.cuda.get_device_name(device)), None)
-    if rank == 0 and not args.resume:
-        (out / "metrics.jsonl").write_text("")
     t_start = time.perf_counter()
     for step in range(start, args.steps):
         t0, lr = time.perf_counter(), get_lr(step, args)
@@ -384,7 +421,7 @@ def train(args):
         loss_sum = torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             x, y = get_batch(splits["train"], args, (args.seed, TRAIN, step, rank), micro, device)
-            loss = forward(x, depth, y)[1]
+            loss = loss_of(x, depth, y)
             (loss / args.grad_accum).backward()  # gradients add up over the micro-batches
             loss_sum += loss.detach()
         # One exchange per update: the trainables' gradients (nothing else is synchronised), the
@@ -407,12 +444,12 @@ def train(args):
                  mfu=peak and flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
                  eta_s=(time.perf_counter() - t_start) / (step + 1 - start) * (args.steps - step - 1))
         if not args.benchmark and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            m["val_loss"] = losses(ours)["held-out"]
+            m["val_loss"] = losses(lambda x, y: loss_of(x, args.depth, y))["held-out"]
         log(f"step {step + 1}/{args.steps} | loss {loss:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
             f"lr {lr:.2e} | grad {norm:.3f} | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
             f"mem {m['mem_gb']:.2f} GB | ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
             + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
-        if rank == 0:
+        if rank == 0 and not args.benchmark:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
         history.append(m)
@@ -423,25 +460,38 @@ def train(args):
         if stopping:
             log(f"interrupted: saved step {step + 1} in {out}; continue with the same command and --resume")
             return model
+    report(args, model, history, ref, losses, loss_of, log, rank)
+    return model
 
+
+def report(args, model, history, ref, losses, loss_of, log, rank):
+    """The benchmark's medians, or the final table: every figure a loss of evaluate's protocol."""
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     if args.benchmark:  # the first step pays for warm-up (allocation, compilation): left out
         timed = history[1:] or history
-        tok_s = sorted(m["tok_s"] for m in timed)[len(timed) // 2]
-        mfu = sorted(m["mfu"] or 0 for m in timed)[len(timed) // 2]
-        log(f"benchmark: {tok_s:,.0f} tok/s | MFU {show(peak and mfu, '.1%')} | peak memory "
-            f"{history[-1]['mem_gb']:.2f} GB (median of {len(timed)} steps, depth {args.depths}, {device})")
-    else:  # the final table: every figure a loss of evaluate's protocol, reduction and gap per column
-        res = {**ref, "ours": losses(ours)}
+        mfu = median([m["mfu"] or 0 for m in timed]) if timed[0]["mfu"] else None
+        log(f"benchmark: {median([m['tok_s'] for m in timed]):,.0f} tok/s | MFU {show(mfu, '.1%')} | peak memory "
+            f"{history[-1]['mem_gb']:.2f} GB (median of {len(timed)} steps, depth {args.depths})")
+        return
+    name = "model" if args.pretrain else "ours"
+    res = {**ref, name: losses(lambda x, y: loss_of(x, args.depth, y))}
+    if args.pool == "mean" and not args.pretrain:  # the same weights, pooled over the prefix only
+        model.pool = "causal"  # what generation sees: the gain that is left without the future
+        res["ours, prefix-pooled"] = losses(lambda x, y: loss_of(x, args.depth, y))
+        model.pool = "mean"
+    if ref:
         b, f, o = res["baseline"], res.get("full"), res["ours"]
         res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
         if f:
             res["gap recovered %"] = {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b}
-        log(f"{'':<20}{'train':>10}{'held-out':>10}   (ours: depth {args.depth}, {start + len(history)} steps)")
-        for name, row in res.items():
-            log(f"{name:<20}" + "".join(f"{row[s]:>10.4f}" for s in ("train", "held-out")))
-        if rank == 0:
-            write_json(out / "results.json", res)
-    return model
+    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({name}: depth {args.depth}, {args.steps} steps)")
+    for row, v in res.items():
+        log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in ("train", "held-out")))
+    if rank == 0:
+        trained = [m for m in history[1:] or history]
+        res["run"] = dict(steps=args.steps, depth=args.depth, trainable=sum(p.numel() for _, p in trainables(model)),
+                          tok_s=median([m["tok_s"] for m in trained]) if trained else None)
+        ob.write_json(Path(args.out) / "results.json", res)
 
 
 def main(argv=None):

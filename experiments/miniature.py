@@ -1,0 +1,307 @@
+"""
+Ouroboros in miniature: the paper's tables on a small pretrained Qwen2, on a CPU, offline.
+
+    python experiments/miniature.py           # the whole study: under an hour on 2 CPU cores
+    python experiments/miniature.py --quick   # the same pipeline at a smoke budget: about a minute
+    python experiments/miniature.py --fresh   # redo every stage instead of reusing what is done
+
+Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue where it stopped):
+  1. corpus  the Python standard library of this interpreter: real text that nobody here wrote,
+             on every machine (or --corpus DIR). One file is one document; files are held out
+             whole, deterministically (data/prepare.py's every-(1/f)-th rule).
+  2. data    a byte-level BPE tokenizer trained on the training files, then train.bin / val.bin
+  3. base    a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch: train.py --pretrain
+  4. runs    every variant of the paper's tables: train.py on the base cut 3 / 6 / 3 (the paper's
+             8 / 18 / 8 of 36 in proportion), all with the same steps, data order (per seed) and
+             evaluation batches; the headline rows with 3 seeds
+  5. report  experiments/results/miniature.json (every run), miniature.md (the table) and
+             miniature.png (needs matplotlib: pip install matplotlib)
+"""
+import argparse
+import contextlib
+import datetime
+import json
+import platform
+import shutil
+import statistics
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+import torch  # noqa: E402
+
+import ouroboros as ob  # noqa: E402
+import train  # noqa: E402
+from data import prepare  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Budget:
+    config: ob.Qwen2Config  # the base to pretrain
+    every_nth_file: int  # 1: the whole corpus
+    val_fraction: float
+    pretrain: tuple  # (steps, lr, warmup) of train.py --pretrain
+    steps: int  # of every Ouroboros run
+    lr: float
+    warmup: int
+    batch: tuple  # (sequences, tokens each): the same for pretraining, every run and evaluation
+    eval_batches: int
+    eval_every: int
+    seeds: tuple  # of the headline rows
+    ranks: tuple  # the rank ablation (each must fit the base's smallest projection)
+
+
+FULL = Budget(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=12,
+                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
+                                    rope_theta=10000.0, tie_word_embeddings=True),
+              every_nth_file=1, val_fraction=0.05, pretrain=(500, 3e-3, 50), steps=150, lr=2e-3, warmup=15,
+              batch=(8, 256), eval_batches=16, eval_every=25, seeds=(0, 1, 2), ranks=(8, 32))
+DEMO = replace(FULL, pretrain=(200, 3e-3, 20))  # train.py --demo: a shorter pretraining, the same base
+QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
+                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+                                     rope_theta=10000.0, tie_word_embeddings=True),
+               every_nth_file=25, val_fraction=0.1, pretrain=(20, 3e-3, 2), steps=4, lr=2e-3, warmup=1,
+               batch=(4, 64), eval_batches=2, eval_every=2, seeds=(0, 1), ranks=(8, 32))
+
+# The table's rows: (name, train.py options). The headline rows run once per seed; the rank rows
+# come from the budget. Every row not named here runs at depth 4, rank 8, causal pool, gate, norms.
+HEADLINE = [("loop alone (no modulation)", ["--controller", "none"]),
+            ("static per-step LoRA, depth 4", ["--controller", "static"]),
+            ("dynamic, depth 4 (ours)", []),
+            ("dynamic, depth 1", ["--depth", "1"])]
+ONCE = [("dynamic, mean pool (the paper's)", ["--pool", "mean"]),
+        ("dynamic, no gate", ["--no-gate"]),
+        ("dynamic, no per-step norm", ["--no-step-norm"]),
+        ("dynamic, depth 8", ["--depth", "8"]),
+        ("dynamic, depth 16", ["--depth", "16"]),
+        ("static per-step LoRA, depth 1", ["--controller", "static", "--depth", "1"])]
+
+
+def runs(budget):
+    """Every (row, options, seed) of the study, in the order they run."""
+    ranks = [(f"dynamic, depth 4, rank {r}", ["--rank", str(r)]) for r in budget.ranks if r != 8]
+    return ([(row, opts, s) for s in budget.seeds for row, opts in HEADLINE] +
+            [(row, opts, budget.seeds[0]) for row, opts in ONCE + ranks])
+
+# ----------------------------------------------------------------------------------------
+# Stages 1-3: corpus, data, base (also train.py --demo's)
+
+
+def stdlib_files(every_nth=1):
+    """This interpreter's standard library as text files: its .py files, without the test suites
+    (whose data files are not prose or code a model should learn) and without installed packages."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
+    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+    return files[::every_nth]
+
+
+def base(work, budget, log=print, corpus=None):
+    """Stages 1-3 in `work`: data/ (tokenizer, train.bin, val.bin) and base/, a Hugging Face
+    checkpoint of the pretrained Qwen2. Each is skipped when already done. Returns (base, data)."""
+    work = Path(work)
+    data, init, out = work / "data", work / "init", work / "base"
+    if not (data / "meta.json").is_file():
+        inputs = [corpus] if corpus else stdlib_files(budget.every_nth_file)
+        log(f"[data] tokenizer ({budget.config.vocab_size} tokens) and token files from "
+            f"{corpus or f'the Python {platform.python_version()} standard library ({len(inputs)} files)'}")
+        prepare.prepare(inputs, None, data, budget.val_fraction, vocab_size=budget.config.vocab_size,
+                        log=lambda *a, **k: None)
+    if not (out / "results.json").is_file():
+        init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
+        ob.write_json(init / "config.json", budget.config.to_dict())
+        shutil.copyfile(data / "tokenizer.json", init / "tokenizer.json")
+        steps, lr, warmup = budget.pretrain
+        log(f"[base] pretraining {budget.config.num_hidden_layers} layers x {budget.config.hidden_size} "
+            f"for {steps} steps of {budget.batch[0] * budget.batch[1]:,} tokens (log: {out}/log.txt)")
+        ok = call_train(out, ["--pretrain", "--model", str(init), "--data", str(data), "--steps", str(steps),
+                              "--lr", str(lr), "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", "0",
+                              *batch_args(budget)])
+        if not ok:
+            sys.exit(f"error: pretraining stopped: {(out / 'log.txt').read_text().splitlines()[-1]}")
+    return out, data
+
+
+def batch_args(budget):
+    return ["--device", "cpu", "--batch-size", str(budget.batch[0]), "--seq-len", str(budget.batch[1]),
+            "--grad-accum", "1", "--eval-batches", str(budget.eval_batches), "--eval-every",
+            str(budget.eval_every), "--save-every", str(budget.eval_every)]
+
+
+def call_train(out, argv):
+    """train.py in this process, its log in out/log.txt. It resumes a run that was interrupted.
+    True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
+    with open(out / "log.txt", "a") as f, contextlib.redirect_stdout(f):
+        try:
+            train.main(argv)
+        except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
+            print(e.code)
+            if "loss nan" not in str(e.code) and "loss inf" not in str(e.code):
+                raise
+            (out / "diverged.txt").write_text(str(e.code))
+    return (out / "results.json").is_file()
+
+# ----------------------------------------------------------------------------------------
+# Stage 4: the runs
+
+
+def run_all(work, budget, base_dir, data, log):
+    todo = runs(budget)
+    cost = lambda opts: 6 + int(dict(zip(opts[::2], opts[1::2])).get("--depth", 4))  # noqa: E731  ~ calls per token
+    total, done, t0 = sum(cost(o) for _, o, _ in todo), 0, time.time()
+    spent = 0  # the cost of the runs that ran now (not the cached ones), for the ETA
+    for i, (row, opts, seed) in enumerate(todo, 1):
+        out = work / "runs" / f"{slug(row)}-seed{seed}"
+        if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
+            eta = (time.time() - t0) / spent * (total - done) if spent else None
+            log(f"[runs] {i}/{len(todo)} {row}, seed {seed}"
+                + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
+            finished = call_train(out, ["--model", str(base_dir), "--data", str(data), "--steps", str(budget.steps),
+                                        "--lr", str(budget.lr), "--warmup", str(budget.warmup), "--seed", str(seed),
+                                        "--eval-full", *batch_args(budget), *opts])
+            if not (finished or (out / "diverged.txt").is_file()):
+                sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
+            spent += cost(opts)
+        done += cost(opts)
+
+
+def slug(row):
+    return "".join(c if c.isalnum() else "-" for c in row.lower()).strip("-").replace("--", "-")
+
+# ----------------------------------------------------------------------------------------
+# Stage 5: the report
+
+
+def collect(work, budget):
+    """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, curve."""
+    records = []
+    for row, opts, seed in runs(budget):
+        out = work / "runs" / f"{slug(row)}-seed{seed}"
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        rec = dict(row=row, options=opts, seed=seed, curve=[(m["step"], m["val_loss"]) for m in metrics
+                                                            if "val_loss" in m])
+        if (out / "diverged.txt").is_file():
+            records.append({**rec, "diverged": (out / "diverged.txt").read_text()})
+            continue
+        res = json.loads((out / "results.json").read_text())
+        for name, key in (("ours", row), ("ours, prefix-pooled", row + ", prefix-pooled (as it generates)")):
+            if name in res:
+                b, f, o = res["baseline"], res["full"], res[name]
+                records.append({**rec, "row": key, "train": o["train"], "held-out": o["held-out"],
+                                "reduction %": {s: 100 * (b[s] - o[s]) / b[s] for s in b},
+                                "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
+                                "trainable": res["run"]["trainable"], "tok_s": res["run"]["tok_s"],
+                                "reference": {"full": f, "baseline": b}})
+    return records
+
+
+def table(records):
+    """Markdown: one line per row, mean ± standard deviation over seeds where there are several."""
+    def cell(xs, spec):
+        return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):.3f}"
+    ref = next(r["reference"] for r in records if "reference" in r)
+    lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
+             " | gap recovered % (held-out) | trainable |", "|" + " --- |" * 8]
+    for name in ("full", "baseline"):
+        lines.append(f"| {name} model ({'12' if name == 'full' else 'pruned, 7'} layers) | - | "
+                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | 0 |")
+    for row in dict.fromkeys(r["row"] for r in records):
+        rs = [r for r in records if r["row"] == row]
+        if "diverged" in rs[0]:
+            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | |")
+            continue
+        lines.append(f"| {row} | {len(rs)} | " + " | ".join([
+            cell([r["train"] for r in rs], ".4f"), cell([r["held-out"] for r in rs], ".4f"),
+            cell([r["reduction %"]["train"] for r in rs], ".1f"), cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
+            cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), f"{rs[0]['trainable']:,}"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def figure(records, file):
+    """Held-out loss curves of the headline rows (mean over seeds), and gap recovered per variant
+    (bars: held-out, mean over seeds, with ± one standard deviation; dots: train)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
+    ref = next(r["reference"] for r in records if "reference" in r)
+    for row, _ in HEADLINE:
+        curves = [r["curve"] for r in records if r["row"] == row]
+        steps = [s for s, _ in curves[0]]
+        left.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=row)
+    for name, style in (("baseline", ":"), ("full", "--")):
+        left.axhline(ref[name]["held-out"], color="gray", linestyle=style, label=f"{name} model")
+    left.set(xlabel="optimizer step", ylabel="held-out loss (nats)", title="Held-out loss while training")
+    left.legend(fontsize=8)
+    rows = [r for r in dict.fromkeys(r["row"] for r in records if "diverged" not in r)]
+    for i, row in enumerate(rows):
+        rs = [r for r in records if r["row"] == row]
+        held = [r["gap recovered %"]["held-out"] for r in rs]
+        right.barh(i, statistics.mean(held), xerr=statistics.stdev(held) if len(held) > 1 else 0, color="C0")
+        right.plot([r["gap recovered %"]["train"] for r in rs], [i] * len(rs), "k.")
+    right.set_yticks(range(len(rows)), rows, fontsize=8)
+    right.invert_yaxis()
+    right.set(xlabel="gap recovered % (bars: held-out, ± 1 sd over seeds; dots: train)",
+              title="Gap recovered: (baseline − ours) / (baseline − full)")
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
+def report(work, results, budget, log, meta, seconds):
+    records = collect(work, budget)
+    results.mkdir(parents=True, exist_ok=True)
+    study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
+                 machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
+                 cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__, wall_s=round(seconds),
+                 corpus=dict(what="Python standard library (.py, no tests)", files=meta.get("files"),
+                             sha256=meta.get("inputs_sha256"), train_tokens=meta["train_tokens"],
+                             val_tokens=meta["val_tokens"], train_documents=meta["train_documents"],
+                             val_documents=meta["val_documents"]),
+                 base=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
+                 runs=records)
+    ob.write_json(results / "miniature.json", study)
+    md = table(records)
+    (results / "miniature.md").write_text(md)
+    log("\n" + md)
+    try:
+        figure(records, results / "miniature.png")
+    except ImportError:
+        log("the figure needs matplotlib: pip install matplotlib, then run the same command again")
+    log(f"wrote {results}/miniature.json, miniature.md, miniature.png")
+
+
+def cpu_name():
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="a smoke budget: the same stages in about a minute")
+    ap.add_argument("--fresh", action="store_true", help="delete --work and redo every stage")
+    ap.add_argument("--corpus", help="a folder of text instead of the Python standard library")
+    ap.add_argument("--work", help="the cache of every stage (default out/miniature, out/miniature-quick)")
+    ap.add_argument("--results", help="default experiments/results (--quick: WORK/results)")
+    args = ap.parse_args(argv)
+    budget = QUICK if args.quick else FULL
+    work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
+    results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
+    if args.fresh and work.exists():
+        shutil.rmtree(work)
+    t0, log = time.time(), lambda *a: print(*a, flush=True)
+    base_dir, data = base(work, budget, log, args.corpus)
+    run_all(work, budget, base_dir, data, log)
+    report(work, results, budget, log, json.loads((data / "meta.json").read_text()), time.time() - t0)
+
+
+if __name__ == "__main__":
+    main()
