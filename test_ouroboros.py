@@ -286,6 +286,25 @@ def test_controller_causality(tiny, pool, causal):
     assert same == causal
 
 
+def test_prefix_pooled_mean_pool_model_is_the_causal_model_with_its_weights(tiny):
+    """The miniature scores a mean-pool model twice: as trained, and pooled over the prefix as it
+    must generate. The second is exactly a causal-pool model carrying the same trainables."""
+    mean = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, pool="mean", device="cpu"))
+    causal = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    causal.load_state_dict(mean.state_dict())
+    idx = ids()
+    assert not torch.equal(mean(idx, depth=3)[0], causal(idx, depth=3)[0])  # the leak changes the logits
+    mean.pool = "causal"
+    assert torch.equal(mean(idx, depth=3)[0], causal(idx, depth=3)[0])
+
+
+def test_loop_alone_trains_only_gate_and_norms(tiny):
+    """controller="none": layer R looped as it is; the LoRA bases are never used."""
+    model = ob.Ouroboros.from_pretrained(tiny, controller="none", device="cpu")
+    assert [n for n, _ in model.named_trainable()] == ["step_norms", "gate.weight", "gate.bias"]
+    assert model.modulation(torch.zeros(1, 2, TINY.hidden_size), 0) is None
+
+
 def test_static_controller_ignores_the_input(tiny):
     model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, controller="static", device="cpu"))
     h = torch.randn(2, 5, TINY.hidden_size)
@@ -311,6 +330,7 @@ def test_trainable_counts_of_qwen25_3b(rank):
 
 @pytest.mark.parametrize("options, count", [
     (dict(controller="static"), 8_390_656 + 131_072 + 64 * 7 * 8),
+    (dict(controller="none"), 8_390_656 + 131_072),
     (dict(gate=False), 9_193_088 - 8_390_656),
     (dict(step_norm=False), 9_193_088 - 131_072)])
 def test_ablations_train_only_their_parts(options, count):
