@@ -257,7 +257,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = torch.empty_like(x2), torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for i in range(0, len(x2), ctx.chunk):  # d loss / d logits = (softmax - onehot(t)) · weight
             rows = slice(i, i + ctx.chunk)
-            g = logits[rows].float().sub_(lse[rows, None]).exp_()  # softmax, (chunk, vocab)
+            # Out of place: float32 logits would otherwise be overwritten (the returned ones),
+            # and bf16 ones are promoted straight into the one float32 chunk.
+            g = (logits[rows] - lse[rows, None]).exp_()  # softmax, (chunk, vocab), float32
             g[torch.arange(len(g)), t[rows].clamp(min=0)] -= 1
             g = (g * (weight[rows, None] * grad_loss)).to(x2.dtype)
             grad_x[rows] = g @ w

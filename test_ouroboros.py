@@ -152,6 +152,16 @@ def test_fused_loss_equals_cross_entropy_in_value_and_gradients(chunk):
         torch.testing.assert_close(got, want)
 
 
+def test_loss_backward_leaves_the_returned_logits_alone():
+    """In float32, logits[rows].float() is the logits themselves: an in-place softmax in
+    backward would overwrite what the forward returned."""
+    x, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    logits, loss = ob.LinearCrossEntropy.apply(x, w, torch.randint(0, 20, (2, 5)))
+    before = logits.clone()
+    loss.backward()
+    assert torch.equal(logits, before)
+
+
 def test_loss_keeps_no_float32_vocabulary_sized_tensor_for_backward(tiny):
     """F.cross_entropy on float32 logits would keep (tokens × vocab) float32 log-probabilities,
     2.5 GB for Qwen2.5-3B at 2 × 2048 tokens; the loss keeps the bf16 logits (1.2 GB) instead."""
