@@ -523,12 +523,18 @@ def test_mean_pool_cannot_generate(tiny):
         ob.generate(ob.Ouroboros.from_pretrained(tiny, pool="mean", device="cpu"), ids(), 3)
 
 
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """Non-zero trainables of `tiny` saved at rank 4 with a step table of 8 (max_steps=8)."""
+    file = tmp_path_factory.mktemp("trained") / "ouroboros.safetensors"
+    model = ob.Ouroboros.from_pretrained(tiny, rank=4, max_steps=8, device="cpu")
+    randomize_trainables(model).save_trainable(file)
+    return file
+
+
 @pytest.mark.parametrize("flag", [[], ["--baseline"], ["--full"], ["--trained"]])
-def test_command_line_prints_a_continuation(tiny, tmp_path, capsys, flag):
-    if flag == ["--trained"]:
-        model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, rank=4, device="cpu"))
-        model.save_trainable(tmp_path / "t.safetensors")
-        flag = ["--trained", str(tmp_path / "t.safetensors")]
+def test_command_line_prints_a_continuation(tiny, trained, capsys, flag):
+    flag = ["--trained", str(trained)] if flag == ["--trained"] else flag
     ob.main(["--model", str(tiny), "--prompt", "class Ouroboros", "--depth", "2",
              "--max-new-tokens", "8", "--top-k", "5", *flag])
     out, err = capsys.readouterr()
@@ -540,18 +546,57 @@ def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys
     other = write_tiny(tmp_path / "other", ob.Qwen2Config(**{**vars(TINY), "hidden_size": 48}))
     ob.Ouroboros.from_pretrained(other, device="cpu").save_trainable(tmp_path / "t.safetensors")
     with pytest.raises(SystemExit, match="saved with other options .*config hidden_size: file 48, model 32"):
-        ob.main(["--model", str(tiny), "--prompt", "hi", "--trained", str(tmp_path / "t.safetensors")])
+        ob.main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--trained", str(tmp_path / "t.safetensors")])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--top-k", "0"], "top_k=0"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5"),
-    (["--prompt", "hi", "--max-new-tokens", "100"], "exceeds the model's 64 positions"),
+# Each case: extra arguments after "--model {tiny} --prompt hi" (a later flag wins), and what
+# the error line says. {trained} was saved with max_steps=8; {tmp} is an empty folder.
+BAD_GENERATIONS = {
+    "empty prompt": (["--prompt", ""], "the prompt is empty"),
+    "no new token": (["--max-new-tokens", "0"], "max_new_tokens=0: must be at least 1"),
+    "top-k 0": (["--max-new-tokens", "4", "--top-k", "0"], "top_k=0: must be at least 1"),
+    "negative temperature": (["--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5: must be at least 0"),
+    "past the positions": (["--max-new-tokens", "100"], "+ max_new_tokens (100) exceeds the model's 64 positions"),
+    "depth 0": (["--depth", "0"], "--depth 0 is outside 1..64"),
+    "depth 65": (["--depth", "65"], "--depth 65 is outside 1..64"),
+    "depth past the trained table": (["--trained", "{trained}", "--depth", "9"], "--depth 9 is outside 1..8"),
+    "trained with full": (["--trained", "{trained}", "--full"], "--trained with --full"),
+    "trained with baseline": (["--trained", "{trained}", "--baseline"], "--trained with --baseline"),
+    "trained not found": (["--trained", "{tmp}/none.safetensors"], "none.safetensors: not found"),
+    "trained is not ours": (["--trained", "{tiny}/model-00001-of-00002.safetensors"],
+                            "not an Ouroboros trainable file"),
+    "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
+    "no config.json": (["--model", "{tmp}"], "{tmp}/config.json: not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATIONS))
+def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, tmp_path, monkeypatch, case):
+    def load(*args):
+        raise AssertionError("weights were loaded before the input was checked")
+    monkeypatch.setattr(ob.Checkpoint, "__init__", load)
+    args, message = BAD_GENERATIONS[case]
+
+    def fill(text):
+        return text.format(tiny=tiny, trained=trained, tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ob.main(["--model", str(tiny), "--prompt", "hi", *map(fill, args)])
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and fill(message) in line, line
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--depth", "0"], 1, "error: --depth 0 is outside 1..64 (max_steps)\n"),
+    (["--prompt", ""], 1, "error: the prompt is empty: give at least one token\n"),
+    (["--depth", "four"], 2, "argument --depth: invalid int value: 'four'\n"),  # argparse: usage, then this
 ])
-def test_command_line_refuses_bad_input_in_one_line(tiny, args, message):
-    with pytest.raises(SystemExit, match=f"^error: .*{message}[^\\n]*$"):
-        ob.main(["--model", str(tiny), *args])
+def test_generation_command_exit_status(tiny, args, status, message):
+    """The real command: 1 and one line for refused input, 2 for a usage error (argparse)."""
+    run = subprocess.run([sys.executable, "ouroboros.py", "--model", str(tiny), "--prompt", "hi", *args],
+                         cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == status and run.stderr.endswith(message), run.stderr
+    assert status == 2 or run.stderr == message
 
 
 # ----------------------------------------------------------------------------------------
