@@ -4,6 +4,7 @@ Tiny random Qwen2 checkpoints are written to tmp_path in the exact Hugging Face 
 (config.json, model.safetensors or an index + shards, tokenizer.json) and read back
 through the real loader.
 """
+import hashlib
 import json
 import math
 import os
@@ -22,7 +23,7 @@ from safetensors.torch import load_file
 import ouroboros as ob
 import train
 from data import prepare
-from train import write_checkpoint, write_tokenizer
+from train import write_checkpoint
 
 HERE = Path(__file__).parent
 
@@ -45,7 +46,7 @@ def write_tiny(path, cfg=TINY, shards=1, tensors=None, edit=None):
     if edit:
         edit(config)
     write_checkpoint(path, config, tensors or random_tensors(cfg), shards)
-    write_tokenizer(path, [open(ob.__file__).read()], vocab_size=cfg.vocab_size - 16)
+    prepare.train_tokenizer([open(ob.__file__).read()], path, vocab_size=cfg.vocab_size - 16)
     return path
 
 
@@ -645,6 +646,19 @@ def write_docs(folder, docs, kind):
             (folder / f"{i:03d}.txt").write_text(d)
 
 
+def quiet(*args, **kwargs):
+    pass
+
+
+def read_back(out, split, tokenizer):
+    """The documents of out/{split}.bin: its ids cut at each EOS, decoded."""
+    tok, eos, _ = prepare.load_tokenizer(tokenizer)
+    ids = np.fromfile(Path(out) / f"{split}.bin", dtype=np.uint32)
+    assert ids[-1] == eos
+    cuts = np.flatnonzero(ids == eos)
+    return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip([-1, *cuts[:-1]], cuts)]
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])
 @pytest.mark.parametrize("as_folder", [True, False])
 def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
@@ -653,20 +667,102 @@ def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
     docs = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nÜnïcödé ✓" for i in range(12)]
     write_docs(tmp_path / "in", docs, kind)
     inputs = [tmp_path / "in"] if as_folder else sorted((tmp_path / "in").iterdir())
-    meta = prepare.prepare(inputs, demo[0], tmp_path / "out", val_fraction=0.25, log=lambda *a, **k: None)
+    meta = prepare.prepare(inputs, demo[0], tmp_path / "out", val_fraction=0.25, log=quiet)
     tok, eos, sha = prepare.load_tokenizer(demo[0])
-
-    def decode(split):
-        ids = np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32)
-        assert len(ids) == meta[f"{split}_tokens"] and ids[-1] == eos
-        cuts = np.flatnonzero(ids == eos)
-        return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip([-1, *cuts[:-1]], cuts)]
-    assert decode("val") == [docs[i] for i in (3, 7, 11)]
-    assert decode("train") == [d for i, d in enumerate(docs) if i not in (3, 7, 11)]
+    assert read_back(tmp_path / "out", "val", demo[0]) == [docs[i] for i in (3, 7, 11)]
+    assert read_back(tmp_path / "out", "train", demo[0]) == [d for i, d in enumerate(docs) if i not in (3, 7, 11)]
+    for split in ("train", "val"):
+        assert (tmp_path / "out" / f"{split}.bin").stat().st_size == 4 * meta[f"{split}_tokens"]
     assert meta["tokenizer_sha256"] == sha and meta["eos_id"] == eos and meta["vocab_size"] == tok.get_vocab_size()
     assert (meta["train_documents"], meta["val_documents"]) == (9, 3)
+    assert (meta["files"], meta["empty_skipped"]) == (12 if kind == "txt" else 1, 0)
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
-    assert not list((tmp_path / "out").glob("*.tmp"))  # written atomically: nothing left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_lone_text_file_is_cut_at_blank_lines(tmp_path, demo):
+    """A file given alone is cut where two or more line ends have only whitespace between them;
+    single line ends and indentation stay. 8 paragraphs at val fraction 0.25: 3 and 7 held out."""
+    paragraphs = [f"Paragraph {i}:\n    line two of {i}." for i in range(8)]
+    separators = ["\n\n", "\n\n\n", "\n \t\n", "\n\n  \n\n"]
+    text = "\n\n" + "".join(p + separators[i % 4] for i, p in enumerate(paragraphs[:-1])) + paragraphs[-1]
+    (tmp_path / "notes").write_text(text)  # any name: a file named on the command line is text
+    meta = prepare.prepare([tmp_path / "notes"], demo[0], tmp_path / "out", val_fraction=0.25, log=quiet)
+    assert read_back(tmp_path / "out", "val", demo[0]) == [paragraphs[3], paragraphs[7]]
+    assert read_back(tmp_path / "out", "train", demo[0]) == [p for i, p in enumerate(paragraphs) if i % 4 != 3]
+    assert meta["empty_skipped"] == 0  # the leading blank lines are a separator, not a document
+
+
+def test_lone_text_file_without_blank_lines_is_cut_every_4096_characters_at_a_line_end():
+    """100 lines of 101 characters: 40 lines (4,040 characters) is the most that fits in 4,096,
+    so the pieces are 40, 40 and 20 lines. A 5,000-character line with no line end is cut at 4,096."""
+    lines = [f"line {i:04d} " + "x" * 90 + "\n" for i in range(100)]
+    assert prepare.split_text("".join(lines)) == ["".join(lines[:40]), "".join(lines[40:80]), "".join(lines[80:])]
+    assert prepare.split_text("a" * 5000) == ["a" * 4096, "a" * 904]
+    assert prepare.split_text("one paragraph\n\n") == ["one paragraph\n\n"]  # 1 paragraph: by size
+
+
+def test_named_files_are_text_and_folders_take_known_extensions_and_ext(tmp_path, demo):
+    for name in ["a.md", "b.py", "c.rst", "d.txt", "e.foo", "f.csv", "sub/g.txt", ".git/h.txt", "README"]:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(f"text of {name}")
+
+    def inputs(*argv):
+        prepare.main([*map(str, argv), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"),
+                      "--val-fraction", "0.5"])
+        return [Path(f).relative_to(tmp_path / "in").as_posix()
+                for f in json.loads((tmp_path / "out" / "meta.json").read_text())["inputs"]]
+    assert inputs(tmp_path / "in") == ["a.md", "b.py", "c.rst", "d.txt", "sub/g.txt"]  # not hidden .git
+    more = ["a.md", "b.py", "c.rst", "d.txt", "e.foo", "f.csv", "sub/g.txt"]
+    assert inputs(tmp_path / "in", "--ext", "foo,.csv") == inputs(tmp_path / "in", "--ext", ".foo", "--ext", "csv") == more
+    assert inputs(*(tmp_path / "in" / n for n in ("f.csv", "README", "b.py"))) == ["f.csv", "README", "b.py"]
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, demo, capsys):
+    """Empty and whitespace-only documents take no number: of the 2 with text, the second is
+    held out at val fraction 0.5."""
+    write_docs(tmp_path / "in", ["", "first", " \n\t", "second"], "txt")
+    (tmp_path / "in" / "more.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    prepare.main([str(tmp_path / "in"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"),
+                  "--val-fraction", "0.5"])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert (meta["files"], meta["empty_skipped"], meta["train_documents"], meta["val_documents"]) == (5, 4, 1, 1)
+    assert read_back(tmp_path / "out", "val", demo[0]) == ["second"]
+    assert "from 5 file(s); 4 empty document(s) skipped" in capsys.readouterr().out
+
+
+def test_inputs_sha256_is_the_sha256_of_what_sha256sum_prints(tmp_path, demo):
+    """`cd in && sha256sum 000.txt sub/001.txt | sha256sum`: each file's hash and its path relative
+    to the INPUT, in reading order. Moving the folder keeps it; changing a byte changes it."""
+    write_docs(tmp_path / "in", ["alpha beta", "gamma delta"], "txt")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "001.txt").rename(tmp_path / "in" / "sub" / "001.txt")
+
+    def sha(data):
+        return hashlib.sha256(data).hexdigest()
+    listing = "".join(f"{sha((tmp_path / 'in' / n).read_bytes())}  {n}\n" for n in ("000.txt", "sub/001.txt"))
+    first = prepare.prepare([tmp_path / "in"], demo[0], tmp_path / "o1", 0.5, log=quiet)
+    assert first["inputs_sha256"] == sha(listing.encode())
+    (tmp_path / "in").rename(tmp_path / "moved")
+    assert prepare.prepare([tmp_path / "moved"], demo[0], tmp_path / "o2", 0.5, log=quiet)["inputs_sha256"] == \
+        first["inputs_sha256"]
+    (tmp_path / "moved" / "sub" / "001.txt").write_text("gamma delta!")
+    assert prepare.prepare([tmp_path / "moved"], demo[0], tmp_path / "o3", 0.5, log=quiet)["inputs_sha256"] != \
+        first["inputs_sha256"]
+
+
+def test_prepare_trains_a_tokenizer_on_the_training_documents_only(tmp_path):
+    """Documents 3 and 7 (held out at 0.25) are one made-up word repeated: a BPE trained on them
+    would merge its letters first. None of its pairs is in the training documents."""
+    docs = [f"The cat sat on mat number {i}. " * 5 for i in range(8)]
+    docs[3] = docs[7] = "zyqzyq " * 200
+    write_docs(tmp_path / "in", docs, "jsonl")
+    meta = prepare.prepare([tmp_path / "in"], None, tmp_path / "out", 0.25, vocab_size=300, log=quiet)
+    tok, eos, sha = prepare.load_tokenizer(tmp_path / "out")
+    assert (meta["tokenizer_sha256"], meta["eos_id"], meta["vocab_size"]) == (sha, eos, tok.get_vocab_size())
+    assert not [t for t in tok.get_vocab() if "zy" in t or "yq" in t or "qz" in t]
+    assert read_back(tmp_path / "out", "val", tmp_path / "out") == [docs[3], docs[7]]  # bytes cover any text
+    assert read_back(tmp_path / "out", "train", tmp_path / "out") == [d for i, d in enumerate(docs) if i % 4 != 3]
 
 
 def test_prepare_parquet_without_pyarrow_says_so(tmp_path, demo, monkeypatch):
@@ -677,20 +773,69 @@ def test_prepare_parquet_without_pyarrow_says_so(tmp_path, demo, monkeypatch):
     assert "pyarrow" in str(e.value.code) and "x.parquet" in str(e.value.code)
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (lambda d: (d / "a.csv").write_text("x"), "unsupported file type"),
-    (lambda d: (d / "a.jsonl").write_text('{"txt": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
-    (lambda d: (d / "a.jsonl").write_text('{"text": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
-    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), "not UTF-8"),
-    (lambda d: (d / "a.txt").write_text("one document only"), "leave a split empty"),
+def two_docs(d):
+    (d / "a.txt").write_text("one\n\ntwo")
+
+
+TOK = ["--tokenizer", "MODEL"]  # MODEL: the demo's model folder
+
+
+@pytest.mark.parametrize("setup, flags, expected", [
+    (lambda d: (d / "a.jsonl").write_text('{"txt": 1}\n'), TOK, "a.jsonl:1: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{"text": 1}\n'), TOK,
+     "a.jsonl:2: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), TOK, "not UTF-8"),
+    (lambda d: (d / "a.txt").write_text("one document only"), TOK, "leave a split empty"),
+    (lambda d: (d / "a.txt").write_text(" \n\n \n"), TOK, "leave a split empty"),
+    (two_docs, [*TOK, "--val-fraction", "1"], "--val-fraction 1.0 must be between 0 and 1"),
+    (two_docs, [*TOK, "--train-tokenizer", "300"], "give either --tokenizer or --train-tokenizer N"),
+    (two_docs, [], "give either --tokenizer or --train-tokenizer N"),
+    (two_docs, ["--train-tokenizer", "100"], "--train-tokenizer 100: must be at least 257"),
+    (lambda d: (d / "a.txt").write_text("one document only"), ["--train-tokenizer", "300"], "leave a split empty"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{"txt": 1}\n'), ["--train-tokenizer", "300"],
+     "a.jsonl:2: not a JSON object with a 'text' field"),
 ])
-def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path, demo, setup, expected):
+def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path, demo, setup, flags, expected):
     setup(tmp_path)
     with pytest.raises(SystemExit) as e:
-        prepare.main([str(next(tmp_path.iterdir())), "--tokenizer", str(demo[0]),
-                      "--out", str(tmp_path / "o")])
+        prepare.main([str(next(tmp_path.iterdir())), "--out", str(tmp_path / "o" / "data"),
+                      *(str(demo[0]) if f == "MODEL" else f for f in flags)])
     assert expected in str(e.value.code) and "\n" not in str(e.value.code)
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # not even the folders --out would have made
+
+
+def test_failed_prepare_leaves_the_old_data_untouched(tmp_path, demo):
+    write_docs(tmp_path / "good", ["first", "second", "third", "fourth"], "jsonl")
+    prepare.prepare([tmp_path / "good"], None, tmp_path / "out", 0.5, vocab_size=260, log=quiet)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    (tmp_path / "bad.jsonl").write_text('{"text": "new"}\n' * 3000 + "not json\n")  # fails after a batch
+    for tokenizer, vocab_size in ((demo[0], None), (None, 300)):
+        with pytest.raises(ValueError, match="bad.jsonl:3001"):
+            prepare.prepare([tmp_path / "bad.jsonl"], tokenizer, tmp_path / "out", 0.5, vocab_size=vocab_size,
+                            log=quiet)
+        assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("file/data", "--out {tmp}/file/data: {tmp}/file is a file, not a folder"),
+    ("file", "--out {tmp}/file: {tmp}/file is a file, not a folder"),
+    ("locked/new/data", "--out {tmp}/locked/new/data: {tmp}/locked is not writable"),
+])
+def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch, out, expected):
+    """Checked first: the missing input and tokenizer are not even looked at. Nothing is made."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    allowed = os.access  # as for a user without write permission (root may write anywhere)
+    monkeypatch.setattr(prepare.os, "access", lambda p, mode: Path(p) != tmp_path / "locked" and allowed(p, mode))
+    listing = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        prepare.main([str(tmp_path / "none.txt"), "--tokenizer", str(tmp_path / "none"),
+                      "--out", str(tmp_path / out)])
+    assert e.value.code == "error: " + expected.format(tmp=tmp_path)
+    with pytest.raises(ValueError, match="is not writable" if "locked" in out else "is a file"):
+        prepare.check_out(tmp_path / out, "--out")
+    assert sorted(tmp_path.rglob("*")) == listing
+
 
 # ----------------------------------------------------------------------------------------
 # The batch, the loss and the schedule
