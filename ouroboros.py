@@ -51,6 +51,7 @@ from torch.utils.checkpoint import checkpoint
 # The seven projections of a layer that get a LoRA basis, named as in the checkpoint.
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+MAX_STEPS = 64  # rows of the Controller's step table by default: depth can be 1..64
 
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass, filled from the checkpoint's config.json
@@ -257,7 +258,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         grad_x, grad_w = torch.empty_like(x2), torch.zeros_like(w) if ctx.needs_input_grad[1] else None
         for i in range(0, len(x2), ctx.chunk):  # d loss / d logits = (softmax - onehot(t)) · weight
             rows = slice(i, i + ctx.chunk)
-            g = logits[rows].float().sub_(lse[rows, None]).exp_()  # softmax, (chunk, vocab)
+            # Out of place: float32 logits would otherwise be overwritten (the returned ones),
+            # and bf16 ones are promoted straight into the one float32 chunk.
+            g = (logits[rows] - lse[rows, None]).exp_()  # softmax, (chunk, vocab), float32
             g[torch.arange(len(g)), t[rows].clamp(min=0)] -= 1
             g = (g * (weight[rows, None] * grad_loss)).to(x2.dtype)
             grad_x[rows] = g @ w
@@ -487,7 +490,7 @@ class Ouroboros(nn.Module):
     fills the trunk and attaches the SVD bases."""
 
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
-                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=64):
+                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS):
         super().__init__()
         for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
                                      ("pool", pool, ("causal", "mean"))):
@@ -677,16 +680,25 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, -1), 1)
 
 
+def check_generation(cfg, n_prompt, max_new_tokens, temperature=1.0, top_k=None):
+    """One line for a request generation cannot serve; main asks before loading any weight."""
+    if n_prompt == 0:
+        raise ValueError("the prompt is empty: give at least one token")
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("temperature", temperature, 0),
+                             ("top_k", top_k, 1)):
+        if value is not None and value < low:
+            raise ValueError(f"{name}={value}: must be at least {low}")
+    if n_prompt + max_new_tokens > cfg.max_position_embeddings:
+        raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
+                         f"the model's {cfg.max_position_embeddings} positions")
+
+
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
     """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
-    if idx.dim() != 2 or idx.size(1) == 0:
-        raise ValueError("the prompt is empty: give at least one token")
-    if idx.size(1) + max_new_tokens > model.cfg.max_position_embeddings:
-        raise ValueError(f"prompt ({idx.size(1)} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
-                         f"the model's {model.cfg.max_position_embeddings} positions")
-    if top_k is not None and top_k <= 0 or temperature < 0:
-        raise ValueError(f"top_k={top_k}, temperature={temperature}: need top_k >= 1 and temperature >= 0")
+    if idx.dim() != 2:
+        raise ValueError(f"the prompt must be a (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
+    check_generation(model.cfg, idx.size(1), max_new_tokens, temperature, top_k)
     if isinstance(model, Ouroboros):
         if model.pool == "mean":
             raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
@@ -726,20 +738,32 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     from tokenizers import Tokenizer
     try:
+        # Everything that can be checked is checked before the weights load (minutes for 3B).
+        if args.trained and (args.full or args.baseline):
+            raise ValueError(f"--trained with --{'full' if args.full else 'baseline'}: that model "
+                             "has no trainables to load (drop one of the two)")
+        if not Path(args.model).is_dir():
+            raise FileNotFoundError(f"--model {args.model}: no such folder (a Hugging Face checkpoint directory)")
+        cfg = Qwen2Config.from_pretrained(args.model)
+        options = read_trainable_options(args.trained) if args.trained else {}
+        max_steps = options.get("max_steps", MAX_STEPS)
+        if not 1 <= args.depth <= max_steps:
+            raise ValueError(f"--depth {args.depth} is outside 1..{max_steps} (max_steps)")
         tok_file = Path(args.model) / "tokenizer.json"
         if not tok_file.is_file():
             raise FileNotFoundError(f"{tok_file}: not found")
         tok, dtype = Tokenizer.from_file(str(tok_file)), args.dtype and getattr(torch, args.dtype)
+        prompt = tok.encode(args.prompt).ids
+        check_generation(cfg, len(prompt), args.max_new_tokens, args.temperature, args.top_k)
         if args.full:
             model = Qwen2.from_pretrained(args.model, device=args.device, dtype=dtype)
         else:
-            options = read_trainable_options(args.trained) if args.trained else {}
             model = Ouroboros.from_pretrained(args.model, device=args.device, dtype=dtype, **options)
             if args.trained:
                 model.load_trainable(args.trained)
             model = model.base if args.baseline else model
         device = next(model.parameters()).device
-        idx = torch.tensor([tok.encode(args.prompt).ids], dtype=torch.long, device=device)
+        idx = torch.tensor([prompt], dtype=torch.long, device=device)
         new, t_first = [], None
         for x in stream(model, idx, args.max_new_tokens, args.depth, args.temperature, args.top_k):
             new.append(x.item())  # .item() waits for the device, so the clock is honest

@@ -4,6 +4,7 @@ Tiny random Qwen2 checkpoints are written to tmp_path in the exact Hugging Face 
 (config.json, model.safetensors or an index + shards, tokenizer.json) and read back
 through the real loader.
 """
+import hashlib
 import json
 import math
 import os
@@ -170,6 +171,16 @@ def test_fused_loss_equals_cross_entropy_in_value_and_gradients(chunk):
     grads = torch.autograd.grad(loss * 3, (x, w))
     for got, want in zip(grads, torch.autograd.grad(expected * 3, (x, w))):
         torch.testing.assert_close(got, want)
+
+
+def test_loss_backward_leaves_the_returned_logits_alone():
+    """In float32, logits[rows].float() is the logits themselves: an in-place softmax in
+    backward would overwrite what the forward returned."""
+    x, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
+    logits, loss = ob.LinearCrossEntropy.apply(x, w, torch.randint(0, 20, (2, 5)))
+    before = logits.clone()
+    loss.backward()
+    assert torch.equal(logits, before)
 
 
 def test_loss_keeps_no_float32_vocabulary_sized_tensor_for_backward(tiny):
@@ -553,12 +564,18 @@ def test_mean_pool_cannot_generate(tiny):
         ob.generate(ob.Ouroboros.from_pretrained(tiny, pool="mean", device="cpu"), ids(), 3)
 
 
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    """Non-zero trainables of `tiny` saved at rank 4 with a step table of 8 (max_steps=8)."""
+    file = tmp_path_factory.mktemp("trained") / "ouroboros.safetensors"
+    model = ob.Ouroboros.from_pretrained(tiny, rank=4, max_steps=8, device="cpu")
+    randomize_trainables(model).save_trainable(file)
+    return file
+
+
 @pytest.mark.parametrize("flag", [[], ["--baseline"], ["--full"], ["--trained"]])
-def test_command_line_prints_a_continuation(tiny, tmp_path, capsys, flag):
-    if flag == ["--trained"]:
-        model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, rank=4, device="cpu"))
-        model.save_trainable(tmp_path / "t.safetensors")
-        flag = ["--trained", str(tmp_path / "t.safetensors")]
+def test_command_line_prints_a_continuation(tiny, trained, capsys, flag):
+    flag = ["--trained", str(trained)] if flag == ["--trained"] else flag
     ob.main(["--model", str(tiny), "--prompt", "class Ouroboros", "--depth", "2",
              "--max-new-tokens", "8", "--top-k", "5", *flag])
     out, err = capsys.readouterr()
@@ -570,18 +587,57 @@ def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys
     other = write_tiny(tmp_path / "other", ob.Qwen2Config(**{**vars(TINY), "hidden_size": 48}))
     ob.Ouroboros.from_pretrained(other, device="cpu").save_trainable(tmp_path / "t.safetensors")
     with pytest.raises(SystemExit, match="saved with other options .*config hidden_size: file 48, model 32"):
-        ob.main(["--model", str(tiny), "--prompt", "hi", "--trained", str(tmp_path / "t.safetensors")])
+        ob.main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "4",
+                 "--trained", str(tmp_path / "t.safetensors")])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--top-k", "0"], "top_k=0"),
-    (["--prompt", "hi", "--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5"),
-    (["--prompt", "hi", "--max-new-tokens", "100"], "exceeds the model's 64 positions"),
+# Each case: extra arguments after "--model {tiny} --prompt hi" (a later flag wins), and what
+# the error line says. {trained} was saved with max_steps=8; {tmp} is an empty folder.
+BAD_GENERATIONS = {
+    "empty prompt": (["--prompt", ""], "the prompt is empty"),
+    "no new token": (["--max-new-tokens", "0"], "max_new_tokens=0: must be at least 1"),
+    "top-k 0": (["--max-new-tokens", "4", "--top-k", "0"], "top_k=0: must be at least 1"),
+    "negative temperature": (["--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5: must be at least 0"),
+    "past the positions": (["--max-new-tokens", "100"], "+ max_new_tokens (100) exceeds the model's 64 positions"),
+    "depth 0": (["--depth", "0"], "--depth 0 is outside 1..64"),
+    "depth 65": (["--depth", "65"], "--depth 65 is outside 1..64"),
+    "depth past the trained table": (["--trained", "{trained}", "--depth", "9"], "--depth 9 is outside 1..8"),
+    "trained with full": (["--trained", "{trained}", "--full"], "--trained with --full"),
+    "trained with baseline": (["--trained", "{trained}", "--baseline"], "--trained with --baseline"),
+    "trained not found": (["--trained", "{tmp}/none.safetensors"], "none.safetensors: not found"),
+    "trained is not ours": (["--trained", "{tiny}/model-00001-of-00002.safetensors"],
+                            "not an Ouroboros trainable file"),
+    "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
+    "no config.json": (["--model", "{tmp}"], "{tmp}/config.json: not found"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GENERATIONS))
+def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, tmp_path, monkeypatch, case):
+    def load(*args):
+        raise AssertionError("weights were loaded before the input was checked")
+    monkeypatch.setattr(ob.Checkpoint, "__init__", load)
+    args, message = BAD_GENERATIONS[case]
+
+    def fill(text):
+        return text.format(tiny=tiny, trained=trained, tmp=tmp_path)
+    with pytest.raises(SystemExit) as e:
+        ob.main(["--model", str(tiny), "--prompt", "hi", *map(fill, args)])
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and fill(message) in line, line
+
+
+@pytest.mark.parametrize("args, status, message", [
+    (["--depth", "0"], 1, "error: --depth 0 is outside 1..64 (max_steps)\n"),
+    (["--prompt", ""], 1, "error: the prompt is empty: give at least one token\n"),
+    (["--depth", "four"], 2, "argument --depth: invalid int value: 'four'\n"),  # argparse: usage, then this
 ])
-def test_command_line_refuses_bad_input_in_one_line(tiny, args, message):
-    with pytest.raises(SystemExit, match=f"^error: .*{message}[^\\n]*$"):
-        ob.main(["--model", str(tiny), *args])
+def test_generation_command_exit_status(tiny, args, status, message):
+    """The real command: 1 and one line for refused input, 2 for a usage error (argparse)."""
+    run = subprocess.run([sys.executable, "ouroboros.py", "--model", str(tiny), "--prompt", "hi", *args],
+                         cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == status and run.stderr.endswith(message), run.stderr
+    assert status == 2 or run.stderr == message
 
 
 # ----------------------------------------------------------------------------------------
@@ -641,6 +697,19 @@ def write_docs(folder, docs, kind):
             (folder / f"{i:03d}.txt").write_text(d)
 
 
+def quiet(*args, **kwargs):
+    pass
+
+
+def read_back(out, split, tokenizer):
+    """The documents of out/{split}.bin: its ids cut at each EOS, decoded."""
+    tok, eos, _ = prepare.load_tokenizer(tokenizer)
+    ids = np.fromfile(Path(out) / f"{split}.bin", dtype=np.uint32)
+    assert ids[-1] == eos
+    cuts = np.flatnonzero(ids == eos)
+    return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip([-1, *cuts[:-1]], cuts)]
+
+
 @pytest.mark.parametrize("kind", ["jsonl", "txt"])
 @pytest.mark.parametrize("as_folder", [True, False])
 def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
@@ -649,20 +718,102 @@ def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
     docs = [f"Document {i}: the quick brown fox jumps over {i} lazy dogs.\nÜnïcödé ✓" for i in range(12)]
     write_docs(tmp_path / "in", docs, kind)
     inputs = [tmp_path / "in"] if as_folder else sorted((tmp_path / "in").iterdir())
-    meta = prepare.prepare(inputs, demo[0], tmp_path / "out", val_fraction=0.25, log=lambda *a, **k: None)
+    meta = prepare.prepare(inputs, demo[0], tmp_path / "out", val_fraction=0.25, log=quiet)
     tok, eos, sha = prepare.load_tokenizer(demo[0])
-
-    def decode(split):
-        ids = np.fromfile(tmp_path / "out" / f"{split}.bin", dtype=np.uint32)
-        assert len(ids) == meta[f"{split}_tokens"] and ids[-1] == eos
-        cuts = np.flatnonzero(ids == eos)
-        return [tok.decode(ids[a + 1:b].tolist()) for a, b in zip([-1, *cuts[:-1]], cuts)]
-    assert decode("val") == [docs[i] for i in (3, 7, 11)]
-    assert decode("train") == [d for i, d in enumerate(docs) if i not in (3, 7, 11)]
+    assert read_back(tmp_path / "out", "val", demo[0]) == [docs[i] for i in (3, 7, 11)]
+    assert read_back(tmp_path / "out", "train", demo[0]) == [d for i, d in enumerate(docs) if i not in (3, 7, 11)]
+    for split in ("train", "val"):
+        assert (tmp_path / "out" / f"{split}.bin").stat().st_size == 4 * meta[f"{split}_tokens"]
     assert meta["tokenizer_sha256"] == sha and meta["eos_id"] == eos and meta["vocab_size"] == tok.get_vocab_size()
     assert (meta["train_documents"], meta["val_documents"]) == (9, 3)
+    assert (meta["files"], meta["empty_skipped"]) == (12 if kind == "txt" else 1, 0)
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
-    assert not list((tmp_path / "out").glob("*.tmp"))  # written atomically: nothing left behind
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_lone_text_file_is_cut_at_blank_lines(tmp_path, demo):
+    """A file given alone is cut where two or more line ends have only whitespace between them;
+    single line ends and indentation stay. 8 paragraphs at val fraction 0.25: 3 and 7 held out."""
+    paragraphs = [f"Paragraph {i}:\n    line two of {i}." for i in range(8)]
+    separators = ["\n\n", "\n\n\n", "\n \t\n", "\n\n  \n\n"]
+    text = "\n\n" + "".join(p + separators[i % 4] for i, p in enumerate(paragraphs[:-1])) + paragraphs[-1]
+    (tmp_path / "notes").write_text(text)  # any name: a file named on the command line is text
+    meta = prepare.prepare([tmp_path / "notes"], demo[0], tmp_path / "out", val_fraction=0.25, log=quiet)
+    assert read_back(tmp_path / "out", "val", demo[0]) == [paragraphs[3], paragraphs[7]]
+    assert read_back(tmp_path / "out", "train", demo[0]) == [p for i, p in enumerate(paragraphs) if i % 4 != 3]
+    assert meta["empty_skipped"] == 0  # the leading blank lines are a separator, not a document
+
+
+def test_lone_text_file_without_blank_lines_is_cut_every_4096_characters_at_a_line_end():
+    """100 lines of 101 characters: 40 lines (4,040 characters) is the most that fits in 4,096,
+    so the pieces are 40, 40 and 20 lines. A 5,000-character line with no line end is cut at 4,096."""
+    lines = [f"line {i:04d} " + "x" * 90 + "\n" for i in range(100)]
+    assert prepare.split_text("".join(lines)) == ["".join(lines[:40]), "".join(lines[40:80]), "".join(lines[80:])]
+    assert prepare.split_text("a" * 5000) == ["a" * 4096, "a" * 904]
+    assert prepare.split_text("one paragraph\n\n") == ["one paragraph\n\n"]  # 1 paragraph: by size
+
+
+def test_named_files_are_text_and_folders_take_known_extensions_and_ext(tmp_path, demo):
+    for name in ["a.md", "b.py", "c.rst", "d.txt", "e.foo", "f.csv", "sub/g.txt", ".git/h.txt", "README"]:
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / name).write_text(f"text of {name}")
+
+    def inputs(*argv):
+        prepare.main([*map(str, argv), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"),
+                      "--val-fraction", "0.5"])
+        return [Path(f).relative_to(tmp_path / "in").as_posix()
+                for f in json.loads((tmp_path / "out" / "meta.json").read_text())["inputs"]]
+    assert inputs(tmp_path / "in") == ["a.md", "b.py", "c.rst", "d.txt", "sub/g.txt"]  # not hidden .git
+    more = ["a.md", "b.py", "c.rst", "d.txt", "e.foo", "f.csv", "sub/g.txt"]
+    assert inputs(tmp_path / "in", "--ext", "foo,.csv") == inputs(tmp_path / "in", "--ext", ".foo", "--ext", "csv") == more
+    assert inputs(*(tmp_path / "in" / n for n in ("f.csv", "README", "b.py"))) == ["f.csv", "README", "b.py"]
+
+
+def test_empty_documents_are_skipped_and_counted(tmp_path, demo, capsys):
+    """Empty and whitespace-only documents take no number: of the 2 with text, the second is
+    held out at val fraction 0.5."""
+    write_docs(tmp_path / "in", ["", "first", " \n\t", "second"], "txt")
+    (tmp_path / "in" / "more.jsonl").write_text('{"text": ""}\n{"text": "  "}\n')
+    prepare.main([str(tmp_path / "in"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"),
+                  "--val-fraction", "0.5"])
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert (meta["files"], meta["empty_skipped"], meta["train_documents"], meta["val_documents"]) == (5, 4, 1, 1)
+    assert read_back(tmp_path / "out", "val", demo[0]) == ["second"]
+    assert "from 5 file(s); 4 empty document(s) skipped" in capsys.readouterr().out
+
+
+def test_inputs_sha256_is_the_sha256_of_what_sha256sum_prints(tmp_path, demo):
+    """`cd in && sha256sum 000.txt sub/001.txt | sha256sum`: each file's hash and its path relative
+    to the INPUT, in reading order. Moving the folder keeps it; changing a byte changes it."""
+    write_docs(tmp_path / "in", ["alpha beta", "gamma delta"], "txt")
+    (tmp_path / "in" / "sub").mkdir()
+    (tmp_path / "in" / "001.txt").rename(tmp_path / "in" / "sub" / "001.txt")
+
+    def sha(data):
+        return hashlib.sha256(data).hexdigest()
+    listing = "".join(f"{sha((tmp_path / 'in' / n).read_bytes())}  {n}\n" for n in ("000.txt", "sub/001.txt"))
+    first = prepare.prepare([tmp_path / "in"], demo[0], tmp_path / "o1", 0.5, log=quiet)
+    assert first["inputs_sha256"] == sha(listing.encode())
+    (tmp_path / "in").rename(tmp_path / "moved")
+    assert prepare.prepare([tmp_path / "moved"], demo[0], tmp_path / "o2", 0.5, log=quiet)["inputs_sha256"] == \
+        first["inputs_sha256"]
+    (tmp_path / "moved" / "sub" / "001.txt").write_text("gamma delta!")
+    assert prepare.prepare([tmp_path / "moved"], demo[0], tmp_path / "o3", 0.5, log=quiet)["inputs_sha256"] != \
+        first["inputs_sha256"]
+
+
+def test_prepare_trains_a_tokenizer_on_the_training_documents_only(tmp_path):
+    """Documents 3 and 7 (held out at 0.25) are one made-up word repeated: a BPE trained on them
+    would merge its letters first. None of its pairs is in the training documents."""
+    docs = [f"The cat sat on mat number {i}. " * 5 for i in range(8)]
+    docs[3] = docs[7] = "zyqzyq " * 200
+    write_docs(tmp_path / "in", docs, "jsonl")
+    meta = prepare.prepare([tmp_path / "in"], None, tmp_path / "out", 0.25, vocab_size=300, log=quiet)
+    tok, eos, sha = prepare.load_tokenizer(tmp_path / "out")
+    assert (meta["tokenizer_sha256"], meta["eos_id"], meta["vocab_size"]) == (sha, eos, tok.get_vocab_size())
+    assert not [t for t in tok.get_vocab() if "zy" in t or "yq" in t or "qz" in t]
+    assert read_back(tmp_path / "out", "val", tmp_path / "out") == [docs[3], docs[7]]  # bytes cover any text
+    assert read_back(tmp_path / "out", "train", tmp_path / "out") == [d for i, d in enumerate(docs) if i % 4 != 3]
 
 
 def test_prepare_parquet_without_pyarrow_says_so(tmp_path, demo, monkeypatch):
@@ -673,20 +824,69 @@ def test_prepare_parquet_without_pyarrow_says_so(tmp_path, demo, monkeypatch):
     assert "pyarrow" in str(e.value.code) and "x.parquet" in str(e.value.code)
 
 
-@pytest.mark.parametrize("setup, expected", [
-    (lambda d: (d / "a.csv").write_text("x"), "unsupported file type"),
-    (lambda d: (d / "a.jsonl").write_text('{"txt": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
-    (lambda d: (d / "a.jsonl").write_text('{"text": 1}\n'), "a.jsonl:1: not a JSON object with a 'text' field"),
-    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), "not UTF-8"),
-    (lambda d: (d / "a.txt").write_text("one document only"), "leave a split empty"),
+def two_docs(d):
+    (d / "a.txt").write_text("one\n\ntwo")
+
+
+TOK = ["--tokenizer", "MODEL"]  # MODEL: the demo's model folder
+
+
+@pytest.mark.parametrize("setup, flags, expected", [
+    (lambda d: (d / "a.jsonl").write_text('{"txt": 1}\n'), TOK, "a.jsonl:1: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{"text": 1}\n'), TOK,
+     "a.jsonl:2: not a JSON object with a 'text' field"),
+    (lambda d: (d / "a.txt").write_bytes(b"\xff\xfe bad"), TOK, "not UTF-8"),
+    (lambda d: (d / "a.txt").write_text("one document only"), TOK, "leave a split empty"),
+    (lambda d: (d / "a.txt").write_text(" \n\n \n"), TOK, "leave a split empty"),
+    (two_docs, [*TOK, "--val-fraction", "1"], "--val-fraction 1.0 must be between 0 and 1"),
+    (two_docs, [*TOK, "--train-tokenizer", "300"], "give either --tokenizer or --train-tokenizer N"),
+    (two_docs, [], "give either --tokenizer or --train-tokenizer N"),
+    (two_docs, ["--train-tokenizer", "100"], "--train-tokenizer 100: must be at least 257"),
+    (lambda d: (d / "a.txt").write_text("one document only"), ["--train-tokenizer", "300"], "leave a split empty"),
+    (lambda d: (d / "a.jsonl").write_text('{"text": "x"}\n{"txt": 1}\n'), ["--train-tokenizer", "300"],
+     "a.jsonl:2: not a JSON object with a 'text' field"),
 ])
-def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path, demo, setup, expected):
+def test_prepare_bad_input_is_one_line_and_leaves_nothing(tmp_path, demo, setup, flags, expected):
     setup(tmp_path)
     with pytest.raises(SystemExit) as e:
-        prepare.main([str(next(tmp_path.iterdir())), "--tokenizer", str(demo[0]),
-                      "--out", str(tmp_path / "o")])
+        prepare.main([str(next(tmp_path.iterdir())), "--out", str(tmp_path / "o" / "data"),
+                      *(str(demo[0]) if f == "MODEL" else f for f in flags)])
     assert expected in str(e.value.code) and "\n" not in str(e.value.code)
-    assert not (tmp_path / "o").exists() or not list((tmp_path / "o").iterdir())
+    assert not (tmp_path / "o").exists()  # not even the folders --out would have made
+
+
+def test_failed_prepare_leaves_the_old_data_untouched(tmp_path, demo):
+    write_docs(tmp_path / "good", ["first", "second", "third", "fourth"], "jsonl")
+    prepare.prepare([tmp_path / "good"], None, tmp_path / "out", 0.5, vocab_size=260, log=quiet)
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    (tmp_path / "bad.jsonl").write_text('{"text": "new"}\n' * 3000 + "not json\n")  # fails after a batch
+    for tokenizer, vocab_size in ((demo[0], None), (None, 300)):
+        with pytest.raises(ValueError, match="bad.jsonl:3001"):
+            prepare.prepare([tmp_path / "bad.jsonl"], tokenizer, tmp_path / "out", 0.5, vocab_size=vocab_size,
+                            log=quiet)
+        assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+
+
+@pytest.mark.parametrize("out, expected", [
+    ("file/data", "--out {tmp}/file/data: {tmp}/file is a file, not a folder"),
+    ("file", "--out {tmp}/file: {tmp}/file is a file, not a folder"),
+    ("locked/new/data", "--out {tmp}/locked/new/data: {tmp}/locked is not writable"),
+])
+def test_unwritable_out_is_refused_before_any_work(tmp_path, monkeypatch, out, expected):
+    """Checked first: the missing input and tokenizer are not even looked at. Nothing is made."""
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "locked").mkdir()
+    allowed = os.access  # as for a user without write permission (root may write anywhere)
+    monkeypatch.setattr(prepare.os, "access", lambda p, mode: Path(p) != tmp_path / "locked" and allowed(p, mode))
+    listing = sorted(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as e:
+        prepare.main([str(tmp_path / "none.txt"), "--tokenizer", str(tmp_path / "none"),
+                      "--out", str(tmp_path / out)])
+    assert e.value.code == "error: " + expected.format(tmp=tmp_path)
+    with pytest.raises(ValueError, match="is not writable" if "locked" in out else "is a file"):
+        prepare.check_out(tmp_path / out, "--out")
+    assert sorted(tmp_path.rglob("*")) == listing
+
 
 # ----------------------------------------------------------------------------------------
 # The batch, the loss and the schedule

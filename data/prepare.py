@@ -2,55 +2,117 @@
 Turn local text into the token files train.py reads.
 
     python data/prepare.py INPUT... --tokenizer MODEL_DIR --out data/fineweb-edu [--val-fraction 0.005]
+    python data/prepare.py INPUT... --train-tokenizer 8192 --out data/mine
 
-INPUT is a .txt file (one document), a .jsonl file (one document per line, field "text"),
-a .parquet file (column "text", read with pyarrow when it is installed), or a folder of them.
+What is read:
+
+    a .jsonl file        one document per line, field "text"
+    a .parquet file      one document per row, column "text" (read with pyarrow when installed)
+    any other file       UTF-8 text, one document, when named on the command line
+    a folder             every file under it (hidden ones excepted) ending in .txt, .md, .rst, .py,
+                         .jsonl or .parquet, and in each extension given with --ext
+                         (repeatable or comma-separated: --ext .tex,.html)
+
+When the whole input is a single text file, it is cut into documents at blank lines: a run of
+two or more line ends with only whitespace between them ends a document. If that gives fewer
+than 2 documents, the file is cut instead every CHUNK = 4096 characters, after the last line
+end within each 4096 (exactly at 4096 where there is none). Empty or whitespace-only documents
+are skipped and counted.
+
 Writes, into --out:
 
     train.bin, val.bin   uint32 token ids (Qwen's vocabulary of 151,936 does not fit uint16),
                          each document followed by <|endoftext|>, documents back to back
-    meta.json            token and document counts, vocabulary size, EOS id, and the sha256 of
-                         tokenizer.json, so train.py can refuse data made with another tokenizer
+    tokenizer.json       with --train-tokenizer N only: a byte-level BPE of N tokens trained on
+                         the training documents (never on the held-out ones)
+    meta.json            token, document, file and skipped-empty counts, vocabulary size, EOS id,
+                         the sha256 of tokenizer.json (so train.py can refuse data made with
+                         another tokenizer), and inputs_sha256: the sha256 of the listing
+                         `sha256sum` would print for the input files, "HEX  PATH\\n" each in reading
+                         order, PATH relative to its INPUT ("." for a file given by name)
 
 The held-out split is by document (never a document cut in two): document i is held out when
 floor((i + 1) f) > floor(i f), i.e. every (1/f)-th document, evenly spread and reproducible.
+When each file is one document, that is a split by file.
+
+Nothing is written until --out is known to be writable, the inputs are found and the tokenizer
+(if given) is read. Files are made in --out/prepare.tmp and moved into --out at the end, meta.json
+last: a failure leaves --out as it was (and no --out at all if it did not exist).
 """
 import argparse
 import hashlib
 import json
 import math
 import os
+import re
+import shutil
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-KINDS = (".txt", ".jsonl", ".parquet", ".py")
+RECORDS = (".jsonl", ".parquet")  # files of many documents; every other file is one text
+TEXT = (".txt", ".md", ".rst", ".py")  # the text files a folder gives without --ext
+CHUNK = 4096  # characters per document when a lone file has no blank lines to cut at
 
 
-def find_inputs(inputs):
-    """The files to read, in a stable order: the given files, and every file of KINDS in a folder."""
+def check_out(path, flag="--out"):
+    """Refuse, in one line and before any work, an output folder that cannot be made or written
+    to: under a file, or under a folder without write permission. Creates nothing."""
+    path = Path(path)
+    nearest = next(p for p in (path, *path.parents) if p.exists())  # the folder that will hold it
+    if not nearest.is_dir():
+        raise ValueError(f"{flag} {path}: {nearest} is a file, not a folder")
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {path}: {nearest} is not writable")
+
+
+def find_inputs(inputs, extensions=()):
+    """(file, path relative to its INPUT) of every file to read, in a stable order."""
+    kinds = TEXT + RECORDS + tuple(extensions)
     files = []
     for name in map(Path, inputs):
         if name.is_dir():
-            files += sorted(f for f in name.rglob("*") if f.suffix in KINDS)
-        elif not name.is_file():
-            raise FileNotFoundError(f"{name}: not found")
-        elif name.suffix not in KINDS:
-            raise ValueError(f"{name}: unsupported file type (use {', '.join(KINDS)} or a folder of them)")
+            for f in sorted(name.rglob("*")):
+                rel = f.relative_to(name)
+                if f.suffix in kinds and f.is_file() and not any(p.startswith(".") for p in rel.parts):
+                    files.append((f, rel))  # hidden ones skipped: a .git or .venv is not a corpus
+        elif name.is_file():
+            files.append((name, Path(".")))
         else:
-            files.append(name)
+            raise FileNotFoundError(f"{name}: not found")
     if not files:
-        raise ValueError(f"no {', '.join(KINDS)} file in {', '.join(map(str, inputs))}")
+        raise ValueError(f"no {', '.join(kinds)} file in {', '.join(map(str, inputs))} (add others with --ext)")
     return files
 
 
-def documents(file):
-    """Yield the documents (strings) of one input file."""
-    if file.suffix in (".txt", ".py"):  # TEMPORARY .py
-        yield file.read_text(encoding="utf-8")
-    elif file.suffix == ".jsonl":
+def file_sha256(file):
+    h = hashlib.sha256()
+    with open(file, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):  # 1 MiB at a time: a 2 GB shard is not held
+            h.update(block)
+    return h.hexdigest()
+
+
+def split_text(text):
+    """A lone text file's documents: its paragraphs, or else pieces of about CHUNK characters."""
+    parts = [p for p in re.split(r"\n\s*\n", text) if p.strip()]
+    if len(parts) >= 2:
+        return parts
+    pieces, start = [], 0
+    while start < len(text):
+        end = start + CHUNK
+        if end < len(text):  # cut after the window's last line end, if it has one
+            end = text.rfind("\n", start, end) + 1 or end
+        pieces.append(text[start:end])
+        start = end
+    return [p for p in pieces if p.strip()] or [text]  # an empty file stays one (empty) document
+
+
+def documents(file, alone=False):
+    """Yield the documents (strings) of one input file; `alone`: it is the whole input."""
+    if file.suffix == ".jsonl":
         with open(file, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
@@ -61,7 +123,7 @@ def documents(file):
                     if not isinstance(text, str):
                         raise ValueError(f"{file}:{n}: not a JSON object with a 'text' field")
                     yield text
-    else:
+    elif file.suffix == ".parquet":
         try:
             import pyarrow.parquet as pq
         except ImportError:
@@ -71,22 +133,53 @@ def documents(file):
             raise ValueError(f"{file}: no 'text' column (columns: {', '.join(table.schema_arrow.names)})")
         for batch in table.iter_batches(columns=["text"]):
             yield from batch.column(0).to_pylist()
+    else:
+        text = file.read_text(encoding="utf-8")
+        yield from split_text(text) if alone else [text]
 
 
-def batches(files, size):
-    """The documents of all files, in lists of `size` (encode_batch tokenises a list on all cores)."""
-    batch = []
-    for file in files:
+def read(files, val_fraction):
+    """(document, "train" | "val" | "empty") of every document, in reading order. Empty ones take
+    no number, so the held-out rule counts only documents that have text."""
+    i, alone = 0, len(files) == 1
+    for file, _ in files:
         try:
-            for doc in documents(file):
-                batch.append(doc)
-                if len(batch) == size:
-                    yield batch
-                    batch = []
+            for doc in documents(file, alone):
+                if not doc or not doc.strip():  # None: a null in a parquet column
+                    yield doc, "empty"
+                    continue
+                held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+                i += 1
+                yield doc, "val" if held_out else "train"
         except UnicodeDecodeError as e:
             raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def batches(items, size):
+    """Lists of `size` items (encode_batch tokenises a list on all cores)."""
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
     if batch:
         yield batch
+
+
+def train_tokenizer(texts, path, vocab_size):
+    """A byte-level BPE tokenizer (Qwen's kind) of vocab_size tokens trained on `texts`, EOS
+    <|endoftext|>; written to path/tokenizer.json and returned. Every byte is in the initial
+    alphabet, so any text can be encoded."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    tok.save(str(Path(path) / "tokenizer.json"))
+    return tok
 
 
 def load_tokenizer(path):
@@ -95,91 +188,95 @@ def load_tokenizer(path):
     path = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: not found (give a tokenizer.json or a model directory)")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
     eos = tok.token_to_id("<|endoftext|>")
     if eos is None:
         raise ValueError(f"{path}: the tokenizer has no <|endoftext|> token to separate documents")
-    return tok, eos, hashlib.sha256(path.read_bytes()).hexdigest()
+    return tok, eos, file_sha256(path)
 
 
-def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, log=print, vocab_size=None):
-    """Tokenise `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict."""
+def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_size=None, extensions=(),
+            log=print):
+    """Tokenise `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict.
+    tokenizer=None with vocab_size=N: train one on the training documents, save it as out/tokenizer.json."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be between 0 and 1")
-    files = find_inputs(inputs)
-    if tokenizer is None:  # TEMPORARY
-        train_tokenizer([d for b in batches(files, 1024) for d in b], out, vocab_size)
-        tokenizer = Path(out) / "tokenizer.json"
-    tok, eos, sha = load_tokenizer(tokenizer)
+    if (tokenizer is None) == (vocab_size is None):
+        raise ValueError("give either --tokenizer or --train-tokenizer N (one of the two)")
+    if vocab_size is not None and vocab_size < 257:
+        raise ValueError(f"--train-tokenizer {vocab_size}: must be at least 257 (256 bytes and <|endoftext|>)")
+    check_out(out)
+    files = find_inputs(inputs, extensions)
+    if tokenizer is not None:
+        tok, eos, sha = load_tokenizer(tokenizer)
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    names = ("train", "val")
+    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this run creates, deepest first
+    stage, names = out / "prepare.tmp", ("train", "val")
     counts = {f"{s}_{what}": 0 for s in names for what in ("tokens", "documents")}
-    t0, i = time.time(), 0
-    # Written to .tmp files and renamed at the end: an interrupted run leaves no half-made data.
-    tmp = {s: out / f"{s}.bin.tmp" for s in names}
+    counts.update(files=len(files), empty_skipped=0)
     try:
-        with open(tmp["train"], "wb") as train, open(tmp["val"], "wb") as val:
-            for docs in batches(files, batch_size):
-                for enc in tok.encode_batch(docs, add_special_tokens=False):
-                    held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
-                    split, sink = ("val", val) if held_out else ("train", train)
-                    np.array(enc.ids + [eos], dtype=np.uint32).tofile(sink)
+        shutil.rmtree(stage, ignore_errors=True)  # left by a run that was killed
+        stage.mkdir(parents=True)
+        if tokenizer is None:
+            log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")
+            train_docs = (doc for doc, split in read(files, val_fraction) if split == "train")
+            train_tokenizer(train_docs, stage, vocab_size)  # a first pass: the held-out text is never seen
+            tok, eos, sha = load_tokenizer(stage)
+        t0, i = time.time(), 0
+        with open(stage / "train.bin", "wb") as train, open(stage / "val.bin", "wb") as val:
+            sinks = {"train": train, "val": val}
+            for batch in batches(read(files, val_fraction), batch_size):
+                kept = [(doc, split) for doc, split in batch if split != "empty"]
+                counts["empty_skipped"] += len(batch) - len(kept)
+                encoded = tok.encode_batch([doc for doc, _ in kept], add_special_tokens=False)
+                for (_, split), enc in zip(kept, encoded):
+                    np.array(enc.ids + [eos], dtype=np.uint32).tofile(sinks[split])
                     counts[f"{split}_tokens"] += len(enc.ids) + 1
                     counts[f"{split}_documents"] += 1
-                    i += 1
+                i += len(kept)
                 log(f"\r{i:,} documents, {counts['train_tokens'] + counts['val_tokens']:,} tokens "
                     f"({time.time() - t0:.0f} s)", end="", flush=True)
         log()
         if counts["val_documents"] == 0 or counts["train_documents"] == 0:
             raise ValueError(f"{i} document(s) with --val-fraction {val_fraction} leave a split empty "
                              "(give more documents or another --val-fraction)")
+        listing = "".join(f"{file_sha256(f)}  {rel.as_posix()}\n" for f, rel in files)  # as sha256sum prints it
+        meta = {**counts, "vocab_size": tok.get_vocab_size(), "eos_id": eos, "dtype": "uint32",
+                "tokenizer_sha256": sha, "val_fraction": val_fraction, "inputs": [str(f) for f, _ in files],
+                "inputs_sha256": hashlib.sha256(listing.encode()).hexdigest()}
+        (stage / "meta.json").write_text(json.dumps(meta, indent=2))
     except BaseException:
-        for file in tmp.values():
-            file.unlink(missing_ok=True)
+        shutil.rmtree(made[-1] if made else stage, ignore_errors=True)
         raise
     (out / "meta.json").unlink(missing_ok=True)  # an old meta.json must not vouch for new .bin files
-    for s in names:
-        os.replace(tmp[s], out / f"{s}.bin")
-    meta = {**counts, "vocab_size": tok.get_vocab_size(), "eos_id": eos, "dtype": "uint32",
-            "tokenizer_sha256": sha, "val_fraction": val_fraction, "inputs": [str(f) for f in files]}
-    (out / "meta.json.tmp").write_text(json.dumps(meta, indent=2))
-    os.replace(out / "meta.json.tmp", out / "meta.json")  # last: a meta.json means the data is whole
+    for file in sorted(stage.iterdir(), key=lambda f: f.name == "meta.json"):  # meta.json last: it vouches
+        os.replace(file, out / file.name)
+    stage.rmdir()
     log(f"{out}: train {counts['train_tokens']:,} tokens in {counts['train_documents']:,} documents, "
-        f"val {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents")
+        f"val {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents, from "
+        f"{len(files):,} file(s); {counts['empty_skipped']:,} empty document(s) skipped")
     return meta
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description="Tokenise text into train.bin / val.bin / meta.json.")
-    ap.add_argument("inputs", nargs="+", metavar="INPUT", help=".txt, .jsonl, .parquet files or folders")
-    ap.add_argument("--tokenizer", required=True, help="tokenizer.json, or the model directory holding it")
+    ap.add_argument("inputs", nargs="+", metavar="INPUT", help="text, .jsonl or .parquet files, or folders")
+    ap.add_argument("--tokenizer", help="tokenizer.json, or the model directory holding it")
+    ap.add_argument("--train-tokenizer", type=int, metavar="N", help="train a byte-level BPE of N tokens instead")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out")
+    ap.add_argument("--ext", action="append", default=[], help="more extensions to read in folders (.tex,.html)")
     args = ap.parse_args(argv)
+    extensions = ["." + e.strip().lstrip(".") for arg in args.ext for e in arg.split(",") if e.strip()]
     try:
-        prepare(args.inputs, args.tokenizer, args.out, args.val_fraction)
+        prepare(args.inputs, args.tokenizer, args.out, args.val_fraction, vocab_size=args.train_tokenizer,
+                extensions=extensions)
     except (ValueError, FileNotFoundError) as e:  # one line naming the file, no traceback
         sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
     main()
-
-
-# TEMPORARY stand-ins until the robust branch lands (replaced at merge)
-def check_out(path, flag="--out"):
-    pass
-
-
-def train_tokenizer(texts, path, vocab_size):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
-    tok.train_from_iterator(texts, trainer)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    tok.save(str(Path(path) / "tokenizer.json"))
-    return tok
