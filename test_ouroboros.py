@@ -1025,11 +1025,13 @@ def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
     assert torch.equal(fresh(x, 2)[0], trained(x, 2)[0])
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["ctrl-c", "sigterm"])
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, sig):
+@pytest.mark.parametrize("sig, mode", [(signal.SIGINT, []), (signal.SIGTERM, []), (signal.SIGINT, ["--pretrain"])],
+                         ids=["ctrl-c", "sigterm", "pretrain"])
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, sig, mode):
     """A signal during update 3 of 6: the update finishes, is saved, and the run ends cleanly; the
-    resumed run then ends bit for bit where the uninterrupted one does (CPU, float32)."""
-    whole = train.main(run_args(demo, tmp_path / "once", "--steps", "6", "--save-every", "100"))
+    resumed run then ends bit for bit where the uninterrupted one does (CPU, float32). The same
+    holds when pretraining, where the weights themselves come back from --out."""
+    whole = train.main(run_args(demo, tmp_path / "once", "--steps", "6", "--save-every", "100", *mode))
     get_lr, handler = train.get_lr, signal.getsignal(sig)
 
     def interrupt_at_2(step, args):
@@ -1037,16 +1039,97 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, 
             os.kill(os.getpid(), sig)
         return get_lr(step, args)
     monkeypatch.setattr(train, "get_lr", interrupt_at_2)
-    argv = run_args(demo, tmp_path / "twice", "--steps", "6", "--save-every", "100")
+    argv = run_args(demo, tmp_path / "twice", "--steps", "6", "--save-every", "100", *mode)
     train.main(argv)
     assert json.loads((tmp_path / "twice" / "state.json").read_text())["step"] == 3
     assert signal.getsignal(sig) is handler  # the handler is given back
     monkeypatch.setattr(train, "get_lr", get_lr)
     resumed = train.main(argv + ["--resume"])
-    for (name, p), q in zip(whole.named_trainable(), resumed.trainable_parameters()):
+    for (name, p), (_, q) in zip(train.trainables(whole), train.trainables(resumed)):
         assert torch.equal(p, q), name
     assert [m["loss"] for m in metrics(tmp_path / "once")] == \
         [m["loss"] for m in metrics(tmp_path / "twice")]  # steps 1-3 before the signal, 4-6 after
+
+
+def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_the_loader_reads(tmp_path, demo):
+    """--pretrain trains every weight of a Qwen2 made from --model's config.json (its weights are
+    not read). --out is then a Hugging Face checkpoint with the data's tokenizer: Qwen2.from_pretrained
+    reads it back to identical logits, and Ouroboros.from_pretrained cuts it like Qwen2.5-3B."""
+    model = train.main(run_args(demo, tmp_path, "--pretrain", "--steps", "12", "--warmup", "2",
+                                "--eval-every", "100"))
+    losses = [m["loss"] for m in metrics(tmp_path)]
+    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tmp_path.iterdir()}
+    assert (tmp_path / "tokenizer.json").read_bytes() == (demo[0] / "tokenizer.json").read_bytes()
+    x = torch.randint(0, SMALL.vocab_size, (2, 16))
+    assert torch.equal(ob.Qwen2.from_pretrained(tmp_path, device="cpu")(x)[0], model(x)[0])
+    cut = ob.Ouroboros.from_pretrained(tmp_path, device="cpu")
+    assert torch.equal(cut.baseline(x)[0], ob.Qwen2.from_pretrained(tmp_path, [0, 3, 5], device="cpu")(x)[0])
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"model", "run"}
+
+# ----------------------------------------------------------------------------------------
+# Never lose a run
+
+
+def test_rerunning_a_command_is_refused_and_the_run_kept(tmp_path, demo):
+    """The same command again without --resume, as a user types it: exit status 1, one line naming
+    the saved file and the ways on, and every file of the run is byte for byte as it was."""
+    argv = run_args(demo, tmp_path, "--steps", "2")
+    train.main(argv)
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    run = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
+    assert f"{tmp_path}/state.json: a run is saved" in run.stderr
+    assert all(way in run.stderr for way in ("--resume", "another --out", "--overwrite"))
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+
+
+def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
+    """A run that finished at step 4, resumed with --steps 6: steps 5 and 6 follow with the lr of a
+    6-step schedule (the cosine is recomputed for the new end), metrics.jsonl keeps its first 4
+    lines, and the same --steps again is refused: there is nothing left to do."""
+    train.main(run_args(demo, tmp_path, "--steps", "4"))
+    first = (tmp_path / "metrics.jsonl").read_text()
+    assert "at step 4, and --steps is 4: give a larger --steps" in error_line(
+        run_args(demo, tmp_path, "--steps", "4", "--resume"))
+    train.main(run_args(demo, tmp_path, "--steps", "6", "--resume"))
+    args = train.parse_args(run_args(demo, tmp_path, "--steps", "6"))
+    assert (tmp_path / "metrics.jsonl").read_text().startswith(first)
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [m["lr"] for m in metrics(tmp_path)][4:] == [train.get_lr(s, args) for s in (4, 5)]
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 6
+
+
+def test_overwrite_starts_afresh(tmp_path, demo):
+    train.main(run_args(demo, tmp_path, "--steps", "4"))
+    train.main(run_args(demo, tmp_path, "--steps", "2", "--overwrite"))
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2]
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+
+
+@pytest.mark.parametrize("extra, expected", [
+    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--warmup", "10"], "--warmup 10 must be in 0..--steps"),
+    (["--min-lr", "1"], "--min-lr 1.0 must be in 0..--lr"),
+    (["--resume", "--overwrite"], "--resume and --overwrite do not go together"),
+    (["--pretrain", "--eval-full"], "--pretrain and --eval-full do not go together"),
+    (["--out", "FILE/run"], "is a file, not a folder"),
+])
+def test_options_are_refused_before_anything_is_loaded(tmp_path, demo, monkeypatch, extra, expected):
+    def not_now(*args, **kwargs):
+        raise AssertionError("loaded before the options were checked")
+    monkeypatch.setattr(ob.Ouroboros, "from_pretrained", not_now)
+    monkeypatch.setattr(train, "load_data", not_now)
+    (tmp_path / "file").write_text("")
+    extra = [str(tmp_path / "file" / "run") if a == "FILE/run" else a for a in extra]
+    assert expected in error_line(run_args(demo, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_malformed_depth_list_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--depths", "4,x"])
+    assert e.value.code == 2 and "'4,x' is not a comma-separated list of depths" in capsys.readouterr().err
 
 
 CHECKPOINT_FILES = ("ouroboros.safetensors", "optimizer.safetensors", "state.json")
@@ -1246,3 +1329,28 @@ def test_cuda_flash_attention_serves_grouped_query_heads():
     x = torch.randn(2, 16, TINY.hidden_size, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot take this call
         attn(x, ob.rope(TINY, 0, 16, "cuda"))
+
+# ----------------------------------------------------------------------------------------
+# The miniature study (experiments/miniature.py) at its smoke budget
+
+
+def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
+    """corpus → tokenizer → data → pretrained base → every variant → report, as a user runs it;
+    then the same command again finds every stage done and only writes the report."""
+    cmd = [sys.executable, "experiments/miniature.py", "--quick", "--work", str(tmp_path / "work"),
+           "--results", str(tmp_path / "results")]
+    run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    study = json.loads((tmp_path / "results" / "miniature.json").read_text())
+    expected = [row for row, _, _ in miniature.runs(miniature.QUICK)]
+    rows = [r["row"] for r in study["runs"]]
+    assert set(rows) == set(expected) | {"dynamic, mean pool (the paper's), prefix-pooled (as it generates)"}
+    for row, _ in miniature.HEADLINE:
+        assert sorted(r["seed"] for r in study["runs"] if r["row"] == row) == list(miniature.QUICK.seeds)
+    table = (tmp_path / "results" / "miniature.md").read_text()
+    assert all(f"| {row} |" in table for row in rows) and "| full model" in table and "| baseline model" in table
+    corpus = study["corpus"]
+    assert corpus["files"] > 10 and len(corpus["sha256"]) == 64 and corpus["val_tokens"] > 0
+    assert (tmp_path / "results" / "miniature.png").is_file() or "pip install matplotlib" in run.stdout
+    again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
+    assert again.returncode == 0 and "[runs]" not in again.stdout and "[base]" not in again.stdout

@@ -297,8 +297,8 @@ def start_metrics(out, start):
 # ----------------------------------------------------------------------------------------
 # Demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then Ouroboros
 
-DEMO = dict(out="out/demo", device="cpu", steps=100, batch_size=8, grad_accum=1, seq_len=256, lr=2e-3,
-            warmup=10, eval_every=25, eval_batches=8, eval_full=True, overwrite=True)
+DEMO = dict(out="out/demo", device="cpu", steps=60, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
+            warmup=6, eval_every=20, eval_batches=8, eval_full=True, overwrite=True)
 
 
 def get_lr(step, args):

@@ -58,13 +58,13 @@ class Budget:
 FULL = Budget(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=12,
                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                                     rope_theta=10000.0, tie_word_embeddings=True),
-              every_nth_file=1, val_fraction=0.05, pretrain=(500, 3e-3, 50), steps=150, lr=2e-3, warmup=15,
-              batch=(8, 256), eval_batches=16, eval_every=25, seeds=(0, 1, 2), ranks=(8, 32))
-DEMO = replace(FULL, pretrain=(200, 3e-3, 20))  # train.py --demo: a shorter pretraining, the same base
+              every_nth_file=1, val_fraction=0.05, pretrain=(400, 3e-3, 40), steps=150, lr=2e-3, warmup=15,
+              batch=(4, 256), eval_batches=16, eval_every=30, seeds=(0, 1, 2), ranks=(8, 32))
+DEMO = replace(FULL, pretrain=(150, 3e-3, 15))  # train.py --demo: a shorter pretraining, the same base
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
-               every_nth_file=25, val_fraction=0.1, pretrain=(20, 3e-3, 2), steps=4, lr=2e-3, warmup=1,
+               every_nth_file=25, val_fraction=0.1, pretrain=(10, 3e-3, 1), steps=4, lr=2e-3, warmup=1,
                batch=(4, 64), eval_batches=2, eval_every=2, seeds=(0, 1), ranks=(8, 32))
 
 # The table's rows: (name, train.py options). The headline rows run once per seed; the rank rows
@@ -142,7 +142,7 @@ def call_train(out, argv):
             train.main(argv)
         except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
             print(e.code)
-            if "loss nan" not in str(e.code) and "loss inf" not in str(e.code):
+            if "stopped; the last good checkpoint" not in str(e.code):  # anything but a diverged loss
                 raise
             (out / "diverged.txt").write_text(str(e.code))
     return (out / "results.json").is_file()
@@ -157,6 +157,7 @@ def run_all(work, budget, base_dir, data, log):
     total, done, t0 = sum(cost(o) for _, o, _ in todo), 0, time.time()
     spent = 0  # the cost of the runs that ran now (not the cached ones), for the ETA
     for i, (row, opts, seed) in enumerate(todo, 1):
+        full = ["--eval-full"] if i == 1 else []  # the full model's losses are the same for every run
         out = work / "runs" / f"{slug(row)}-seed{seed}"
         if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
@@ -164,7 +165,7 @@ def run_all(work, budget, base_dir, data, log):
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
             finished = call_train(out, ["--model", str(base_dir), "--data", str(data), "--steps", str(budget.steps),
                                         "--lr", str(budget.lr), "--warmup", str(budget.warmup), "--seed", str(seed),
-                                        "--eval-full", *batch_args(budget), *opts])
+                                        *full, *batch_args(budget), *opts])
             if not (finished or (out / "diverged.txt").is_file()):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             spent += cost(opts)
@@ -180,8 +181,9 @@ def slug(row):
 
 def collect(work, budget):
     """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, curve."""
-    records = []
-    for row, opts, seed in runs(budget):
+    records, todo = [], runs(budget)
+    first = json.loads((work / "runs" / f"{slug(todo[0][0])}-seed{todo[0][2]}" / "results.json").read_text())
+    for row, opts, seed in todo:
         out = work / "runs" / f"{slug(row)}-seed{seed}"
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         rec = dict(row=row, options=opts, seed=seed, curve=[(m["step"], m["val_loss"]) for m in metrics
@@ -192,7 +194,7 @@ def collect(work, budget):
         res = json.loads((out / "results.json").read_text())
         for name, key in (("ours", row), ("ours, prefix-pooled", row + ", prefix-pooled (as it generates)")):
             if name in res:
-                b, f, o = res["baseline"], res["full"], res[name]
+                b, f, o = res["baseline"], first["full"], res[name]
                 records.append({**rec, "row": key, "train": o["train"], "held-out": o["held-out"],
                                 "reduction %": {s: 100 * (b[s] - o[s]) / b[s] for s in b},
                                 "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
@@ -204,7 +206,7 @@ def collect(work, budget):
 def table(records):
     """Markdown: one line per row, mean ± standard deviation over seeds where there are several."""
     def cell(xs, spec):
-        return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):.3f}"
+        return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
     ref = next(r["reference"] for r in records if "reference" in r)
     lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
              " | gap recovered % (held-out) | trainable |", "|" + " --- |" * 8]
