@@ -286,11 +286,12 @@ def restore(out, model, opt, state):
 
 
 def start_metrics(out, start):
-    """metrics.jsonl keeps the lines of steps 1..start (those of the saved run) and is appended to.
-    Lines logged after the last save are dropped: the resumed run logs those steps again."""
+    """metrics.jsonl keeps the lines of steps 1..start (line k is step k: those of the saved run) and
+    is appended to. Lines logged after the last save (a half-written one too, if the process was
+    killed) are dropped: the resumed run logs those steps again."""
     file, lines = out / "metrics.jsonl", []
     if start and file.is_file():
-        lines = [line for line in file.read_text().splitlines(keepends=True) if json.loads(line)["step"] <= start]
+        lines = file.read_text().splitlines(keepends=True)[:start]
     Path(f"{file}.tmp").write_text("".join(lines))
     os.replace(f"{file}.tmp", file)
 

@@ -44,11 +44,11 @@ class Budget:
     config: ob.Qwen2Config  # the base to pretrain
     every_nth_file: int  # 1: the whole corpus
     val_fraction: float
-    pretrain: tuple  # (steps, lr, warmup) of train.py --pretrain
+    pretrain: tuple  # (steps, lr, warmup, micro-batches per step) of train.py --pretrain
     steps: int  # of every Ouroboros run
     lr: float
     warmup: int
-    batch: tuple  # (sequences, tokens each): the same for pretraining, every run and evaluation
+    batch: tuple  # (sequences, tokens each) of a micro-batch: pretraining, every run and evaluation
     eval_batches: int
     eval_every: int
     seeds: tuple  # of the headline rows
@@ -58,13 +58,13 @@ class Budget:
 FULL = Budget(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=12,
                                     num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                                     rope_theta=10000.0, tie_word_embeddings=True),
-              every_nth_file=1, val_fraction=0.05, pretrain=(400, 3e-3, 40), steps=150, lr=2e-3, warmup=15,
+              every_nth_file=1, val_fraction=0.05, pretrain=(400, 3e-3, 40, 2), steps=150, lr=2e-3, warmup=15,
               batch=(4, 256), eval_batches=16, eval_every=30, seeds=(0, 1, 2), ranks=(8, 32))
-DEMO = replace(FULL, pretrain=(150, 3e-3, 15))  # train.py --demo: a shorter pretraining, the same base
+DEMO = replace(FULL, pretrain=(150, 3e-3, 15, 2))  # train.py --demo: a shorter pretraining, the same base
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
-               every_nth_file=25, val_fraction=0.1, pretrain=(10, 3e-3, 1), steps=4, lr=2e-3, warmup=1,
+               every_nth_file=25, val_fraction=0.1, pretrain=(10, 3e-3, 1, 1), steps=4, lr=2e-3, warmup=1,
                batch=(4, 64), eval_batches=2, eval_every=2, seeds=(0, 1), ranks=(8, 32))
 
 # The table's rows: (name, train.py options). The headline rows run once per seed; the rank rows
@@ -115,12 +115,12 @@ def base(work, budget, log=print, corpus=None):
         init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
         ob.write_json(init / "config.json", budget.config.to_dict())
         shutil.copyfile(data / "tokenizer.json", init / "tokenizer.json")
-        steps, lr, warmup = budget.pretrain
+        steps, lr, warmup, accum = budget.pretrain
         log(f"[base] pretraining {budget.config.num_hidden_layers} layers x {budget.config.hidden_size} "
-            f"for {steps} steps of {budget.batch[0] * budget.batch[1]:,} tokens (log: {out}/log.txt)")
+            f"for {steps} steps of {accum * budget.batch[0] * budget.batch[1]:,} tokens (log: {out}/log.txt)")
         ok = call_train(out, ["--pretrain", "--model", str(init), "--data", str(data), "--steps", str(steps),
                               "--lr", str(lr), "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", "0",
-                              *batch_args(budget)])
+                              *batch_args(budget), "--grad-accum", str(accum)])
         if not ok:
             sys.exit(f"error: pretraining stopped: {(out / 'log.txt').read_text().splitlines()[-1]}")
     return out, data
@@ -137,7 +137,7 @@ def call_train(out, argv):
     True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
     out.mkdir(parents=True, exist_ok=True)
     argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
-    with open(out / "log.txt", "a") as f, contextlib.redirect_stdout(f):
+    with open(out / "log.txt", "a", buffering=1) as f, contextlib.redirect_stdout(f):  # a line at a time
         try:
             train.main(argv)
         except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
