@@ -58,6 +58,12 @@ def depth_list(text):
     return [int(d) for d in text.split(",")]
 
 
+# --demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then 60
+# updates of Ouroboros on it; each --demo replaces the previous one's run (the base is kept).
+DEMO = dict(out="out/demo", device="cpu", steps=60, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
+            warmup=6, eval_every=20, eval_batches=8, eval_full=True, overwrite=True)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = ap.add_argument
@@ -296,10 +302,7 @@ def start_metrics(out, start):
     os.replace(f"{file}.tmp", file)
 
 # ----------------------------------------------------------------------------------------
-# Demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then Ouroboros
-
-DEMO = dict(out="out/demo", device="cpu", steps=60, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
-            warmup=6, eval_every=20, eval_batches=8, eval_full=True, overwrite=True)
+# Training: the schedule, setup, the loop, the final table
 
 
 def get_lr(step, args):
@@ -313,20 +316,17 @@ def get_lr(step, args):
 def show(value, spec):
     return "-" if value is None else format(value, spec)
 
-# ----------------------------------------------------------------------------------------
-# Training: setup, the loop, the final table
-
 
 def setup(args, log, device, world, rank):
     """Checks, data, model and optimizer, in that order: a bad option fails in a second, not after
     loading. Returns what the loop needs."""
+    check_options(args)
     if args.demo:
         log("demo: a small Qwen2 pretrained on this Python's standard library (cached after the first run), "
             "cut 3 / 6 / 3, then Ouroboros trained on it; baseline and ours scored on held-out files")
         from experiments import miniature
         args.model, args.data = map(str, miniature.base(Path(args.out), miniature.DEMO, log))
         args.out = str(Path(args.out) / "ouroboros")
-    check_options(args)
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"{args.model}/config.json: not found (download the model: huggingface-cli "
                                 f"download Qwen/Qwen2.5-3B --local-dir {args.model}; or try --demo)")
