@@ -58,10 +58,10 @@ def depth_list(text):
     return [int(d) for d in text.split(",")]
 
 
-# --demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then 60
+# --demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then 100
 # updates of Ouroboros on it; each --demo replaces the previous one's run (the base is kept).
-DEMO = dict(out="out/demo", device="cpu", steps=60, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
-            warmup=6, eval_every=20, eval_batches=8, eval_full=True, overwrite=True)
+DEMO = dict(out="out/demo", device="cpu", steps=100, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
+            warmup=10, eval_every=25, eval_batches=8, eval_full=True, overwrite=True)
 
 
 def parse_args(argv=None):
