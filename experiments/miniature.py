@@ -109,8 +109,10 @@ def base(work, budget, log=print, corpus=None):
         inputs = [corpus] if corpus else stdlib_files(budget.every_nth_file)
         log(f"[data] tokenizer ({budget.config.vocab_size} tokens) and token files from "
             f"{corpus or f'the Python {platform.python_version()} standard library ({len(inputs)} files)'}")
+        t0 = time.time()
         prepare.prepare(inputs, None, data, budget.val_fraction, vocab_size=budget.config.vocab_size,
                         log=lambda *a, **k: None)
+        (data / "wall_s.txt").write_text(str(time.time() - t0))
     if not (out / "results.json").is_file():
         init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
         ob.write_json(init / "config.json", budget.config.to_dict())
@@ -137,6 +139,7 @@ def call_train(out, argv):
     True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
     out.mkdir(parents=True, exist_ok=True)
     argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
+    t0 = time.time()
     with open(out / "log.txt", "a", buffering=1) as f, contextlib.redirect_stdout(f):  # a line at a time
         try:
             train.main(argv)
@@ -145,7 +148,13 @@ def call_train(out, argv):
             if "stopped; the last good checkpoint" not in str(e.code):  # anything but a diverged loss
                 raise
             (out / "diverged.txt").write_text(str(e.code))
+        finally:  # the study's wall time is the sum of these, over every invocation that ran a part
+            (out / "wall_s.txt").write_text(str(wall_s(out) + time.time() - t0))
     return (out / "results.json").is_file()
+
+
+def wall_s(out):
+    return float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else 0.0
 
 # ----------------------------------------------------------------------------------------
 # Stage 4: the runs
@@ -255,8 +264,10 @@ def figure(records, file):
     fig.savefig(file, dpi=120)
 
 
-def report(work, results, budget, log, meta, seconds):
+def report(work, results, budget, log, meta):
     records = collect(work, budget)
+    seconds = wall_s(work / "data") + wall_s(work / "base") + sum(wall_s(work / "runs" / f"{slug(row)}-seed{seed}")
+                                                                  for row, _, seed in runs(budget))
     results.mkdir(parents=True, exist_ok=True)
     study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
                  machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -299,10 +310,10 @@ def main(argv=None):
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
     if args.fresh and work.exists():
         shutil.rmtree(work)
-    t0, log = time.time(), lambda *a: print(*a, flush=True)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
     base_dir, data = base(work, budget, log, args.corpus)
     run_all(work, budget, base_dir, data, log)
-    report(work, results, budget, log, json.loads((data / "meta.json").read_text()), time.time() - t0)
+    report(work, results, budget, log, json.loads((data / "meta.json").read_text()))
 
 
 if __name__ == "__main__":
