@@ -166,16 +166,19 @@ class Linear(nn.Linear):
 
     Given the modulation c (..., 7, r) of all targets, it adds its own slice:
     y = x Wᵀ + b + ((x Aᵀ) ⊙ c_t) Bᵀ, i.e. ΔW = B diag(c_t) A (c_t already carries α/r).
+    An adapter (the coda's, beyond the paper) adds adapter(x, t) instead.
     """
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, slot, **kwargs):
         super().__init__(*args, **kwargs)
         self.register_buffer("lora_A", None, persistent=False)  # (r, in), frozen
         self.register_buffer("lora_B", None, persistent=False)  # (out, r), frozen
-        self.lora_slot = None  # which of the 7 targets this projection is
+        self.lora_slot = slot  # which of the 7 targets this projection is: TARGETS[slot]
 
-    def forward(self, x, c=None):
+    def forward(self, x, c=None, adapter=None):
         y = F.linear(x, self.weight, self.bias)
+        if adapter is not None:
+            return y + adapter(x, self.lora_slot)
         if c is None or self.lora_A is None:
             return y
         return y + ((x @ self.lora_A.T) * c[..., self.lora_slot, :]) @ self.lora_B.T
@@ -186,34 +189,39 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = Linear(d, self.n_head * hd, bias=True)
-        self.k_proj = Linear(d, self.n_kv * hd, bias=True)
-        self.v_proj = Linear(d, self.n_kv * hd, bias=True)
-        self.o_proj = Linear(self.n_head * hd, d, bias=False)
+        self.q_proj = Linear(d, self.n_head * hd, bias=True, slot=0)
+        self.k_proj = Linear(d, self.n_kv * hd, bias=True, slot=1)
+        self.v_proj = Linear(d, self.n_kv * hd, bias=True, slot=2)
+        self.o_proj = Linear(self.n_head * hd, d, bias=False, slot=3)
 
-    def forward(self, x, cos_sin, cache=None, c=None):
+    def forward(self, x, cos_sin, cache=None, c=None, adapter=None):
         B, T, _ = x.shape
-        q = self.q_proj(x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k = self.k_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        q, k = apply_rope(q, *cos_sin), apply_rope(k, *cos_sin)
-        if cache is not None:
-            k, v = cache.update(k, v)  # (B, n_kv, past + T, hd)
+        q = self.q_proj(x, c, adapter).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = self.keys_values(x, cos_sin, cache, c, adapter)  # (B, n_kv, past + T, hd) each
         # Causal when the queries are the whole sequence; a lone new query (decode) sees all
         # keys. enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1, enable_gqa=True)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
+        y = F.scaled_dot_product_attention(apply_rope(q, *cos_sin), k, v, is_causal=T > 1,
+                                           enable_gqa=True)  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c, adapter)  # (B, T, d)
+
+    def keys_values(self, x, cos_sin, cache=None, c=None, adapter=None):
+        """K (rotated) and V of x, appended to the cache if there is one."""
+        B, T, _ = x.shape
+        k = self.k_proj(x, c, adapter).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x, c, adapter).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        k = apply_rope(k, *cos_sin)
+        return cache.update(k, v) if cache is not None else (k, v)
 
 
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj, self.up_proj = Linear(d, i, bias=False), Linear(d, i, bias=False)
-        self.down_proj = Linear(i, d, bias=False)
+        self.gate_proj, self.up_proj = Linear(d, i, bias=False, slot=4), Linear(d, i, bias=False, slot=5)
+        self.down_proj = Linear(i, d, bias=False, slot=6)
 
-    def forward(self, x, c=None):
-        return self.down_proj(F.silu(self.gate_proj(x, c)) * self.up_proj(x, c), c)
+    def forward(self, x, c=None, adapter=None):
+        return self.down_proj(F.silu(self.gate_proj(x, c, adapter)) * self.up_proj(x, c, adapter), c, adapter)
 
 
 class Block(nn.Module):
@@ -226,9 +234,9 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos_sin, cache=None, c=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, cache, c)
-        return h + self.mlp(self.post_attention_layernorm(h), c)
+    def forward(self, h, cos_sin, cache=None, c=None, adapter=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, cache, c, adapter)
+        return h + self.mlp(self.post_attention_layernorm(h), c, adapter)
 
 
 class LinearCrossEntropy(torch.autograd.Function):
@@ -344,7 +352,12 @@ class Qwen2(nn.Module):
 
 def placement(device, dtype):
     """Defaults: CUDA with bf16 frozen weights when there is a GPU, else CPU in float32."""
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise ValueError(f"device {device!r}: not a device torch knows ({e})") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {str(device)!r}: this torch sees no CUDA GPU (use --device cpu)")
     return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
 
 
@@ -452,7 +465,7 @@ def svd_basis(delta, rank):
 class Controller(nn.Module):
     """c_{t,s} = H_t u,  u = SiLU(W3 SiLU(W2 [z; e_s] + b2) + b3),  z = SiLU(W1 p + b1)."""
 
-    def __init__(self, d, rank, max_steps, E=128):
+    def __init__(self, d, rank, max_steps, E):
         super().__init__()
         self.w1 = nn.Linear(d, 2 * E)  # W1, b1: pooled state -> z
         self.step_embedding = nn.Embedding(max_steps, E)  # e_s
@@ -478,6 +491,61 @@ class StaticModulation(nn.Module):
     def forward(self, p, s):
         return self.table[s]  # (7, r), the same for every sequence and position
 
+
+class Adapter(nn.Module):
+    """Beyond the paper, coda adaptation: ΔW_t = (α/r) B_t A_t on the 7 projections of one coda
+    layer. The coda was trained on the output of the layers that are gone; this lets it adapt.
+    B_t = 0 at initialisation, so a fresh model is unchanged (A_t ~ N(0, 1/in), as in LoRA)."""
+
+    def __init__(self, layer, rank, alpha):
+        super().__init__()
+        shapes = [layer.get_submodule(t).weight.shape for t in TARGETS]  # (out, in) of each target
+        self.A = nn.ParameterList([nn.Parameter(torch.randn(rank, i) / i ** 0.5) for _, i in shapes])
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(o, rank)) for o, _ in shapes])
+        self.scale = alpha / rank
+
+    def forward(self, x, t):
+        return self.scale * (x @ self.A[t].T) @ self.B[t].T
+
+
+class Halting:
+    """Beyond the paper, per-token adaptive depth: ACT (Graves 2016, "Adaptive Computation Time")
+    over the loop, for one forward pass. After step s each position that still runs emits a
+    halting probability λ_s = σ(w · h_s + b), and it stops at the first step N where
+    λ_0 + ... + λ_N ≥ 1 - ε (or at the last step). What the coda reads is the mean of its states
+    weighted by p_s = λ_s for s < N and the remainder R = 1 - (λ_0 + ... + λ_{N-1}) at N.
+    The ponder cost ρ = (N + 1) + R: steps taken, plus R, through which λ learns to stop sooner.
+
+    A halted position's state is carried unchanged. At the steps it skips it still takes part in
+    attention: its K/V are recomputed from its carried state, with that step's modulation (what
+    the unmasked layer would give it). Training, evaluation and cached decoding all follow this
+    rule, so cached generation equals recomputation; a halted token costs K and V per skipped step."""
+    eps = 0.01
+
+    def __init__(self, h):
+        B, T, _ = h.shape
+        self.running = torch.ones(B, T, dtype=torch.bool, device=h.device)  # not yet halted
+        self.total = torch.zeros(B, T, device=h.device)  # Σ of the halting weights so far
+        self.steps = torch.zeros(B, T, device=h.device)  # N + 1, the steps taken
+        self.remainder = torch.zeros(B, T, device=h.device)  # R
+        self.out = torch.zeros(h.shape, device=h.device)  # Σ_s p_s h_s: what the coda reads
+
+    def update(self, h, h_new, s, depth, head):
+        """The state after step s: h_new where the position runs, h (carried) where it halted."""
+        running = self.running
+        h = torch.where(running[..., None], h_new, h)
+        lam = torch.sigmoid(head(h).float())[..., 0]  # λ_s (B, T)
+        stop = running & ((self.total + lam >= 1 - self.eps) | (s == depth - 1))
+        p = torch.where(stop, 1 - self.total, lam) * running  # p_s: λ_s, or R where it stops, 0 if halted
+        self.out = self.out + p[..., None] * h
+        self.remainder = torch.where(stop, p, self.remainder)
+        self.total, self.steps, self.running = self.total + p, self.steps + running, running & ~stop
+        return h
+
+    @property
+    def ponder(self):
+        return self.steps + self.remainder  # ρ = (N + 1) + R, per position
+
 # ----------------------------------------------------------------------------------------
 # The recurrent model: prelude, gated and normalised loop over layer R, coda
 
@@ -490,7 +558,8 @@ class Ouroboros(nn.Module):
     fills the trunk and attaches the SVD bases."""
 
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
-                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS):
+                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS,
+                 controller_width=128, halting=False, coda_rank=0):
         super().__init__()
         for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
                                      ("pool", pool, ("causal", "mean"))):
@@ -502,7 +571,8 @@ class Ouroboros(nn.Module):
         P, R, C, self.removed = split_layers(L, prelude, recurrent, coda)
         self.cfg, self.prelude, self.recurrent, self.coda = cfg, range(P), R, range(L - C, L)
         self.options = dict(rank=rank, alpha=alpha, prelude=P, recurrent=R, coda=C, controller=controller,
-                            pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps)
+                            pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps,
+                            controller_width=controller_width, halting=halting, coda_rank=coda_rank)
         with torch.device("meta"):  # the frozen trunk is filled from the checkpoint later
             self.base = Qwen2(cfg, layers=[*self.prelude, R, *self.coda])
         for t in TARGETS:
@@ -511,7 +581,7 @@ class Ouroboros(nn.Module):
                 raise ValueError(f"rank {rank} is out of range for {t} ({out} x {inp}): use 1..{min(out, inp)}")
         self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
         if controller == "dynamic":
-            self.controller = Controller(d, rank, max_steps)
+            self.controller = Controller(d, rank, max_steps, controller_width)
         elif controller == "static":
             self.controller = StaticModulation(rank, max_steps)
         else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
@@ -522,6 +592,16 @@ class Ouroboros(nn.Module):
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, -2.0)  # σ(-2) = 0.1192: 88% of h is kept at init
         self.step_norms = nn.Parameter(torch.ones(max_steps, d)) if step_norm else None  # one RMSNorm weight per step
+        # Beyond the paper (both off by default): a halting head, and LoRA adapters on the coda.
+        self.halt = nn.Linear(d, 1) if halting else None  # λ_s = σ(w · h_s + b)
+        if halting:
+            nn.init.zeros_(self.halt.weight)
+            nn.init.constant_(self.halt.bias, -3.0)  # λ = σ(-3) = 0.047: a fresh model runs ~every step
+        self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
+        if not 0 <= coda_rank <= min(min(self.layer.get_submodule(t).weight.shape) for t in TARGETS):
+            raise ValueError(f"coda_rank {coda_rank} is out of range for this model's projections")
+        self.adapters = nn.ModuleDict({str(i): Adapter(self.base.model.layers[str(i)], coda_rank, alpha)
+                                       for i in self.coda}) if coda_rank else None
         self.checkpointing = False  # True: recompute each step in backward instead of storing it
 
     @property
@@ -547,11 +627,11 @@ class Ouroboros(nn.Module):
         load_frozen(model.base, read, dtype)  # only the 17 kept layers are read here
         # SVD bases: Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32. The
         # removed layers are streamed one tensor at a time: they are never all in memory.
-        for slot, t in enumerate(TARGETS):
+        for t in TARGETS:
             lin = model.layer.get_submodule(t)
             total = sum(read(f"model.layers.{i}.{t}.weight").float() for i in model.removed)
             A, B = svd_basis(total / len(model.removed) - lin.weight.float(), model.options["rank"])
-            lin.lora_A, lin.lora_B, lin.lora_slot = A.to(dtype), B.to(dtype), slot
+            lin.lora_A, lin.lora_B = A.to(dtype), B.to(dtype)
         return model
 
     def modulation(self, h, s, cache=None):
@@ -582,7 +662,15 @@ class Ouroboros(nn.Module):
         g = torch.sigmoid(self.gate(torch.cat([h_new, h], -1)))  # (B, T, d)
         return g * h_new + (1 - g) * h
 
+    def skip(self, h, s, cos_sin, cache):
+        """Step s of positions that all halted: only their K/V, for later tokens to attend to
+        (and the causal pool's running sum); their state is carried unchanged."""
+        x = self.layer.input_layernorm(h)
+        self.layer.self_attn.keys_values(x, cos_sin, cache, self.modulation(h, s, cache))
+
     def forward(self, idx, depth=4, targets=None, caches=None):
+        """Logits and loss after `depth` loop steps; with halting, `depth` is the most steps a
+        position may take, and self.last_halting tells how many each took."""
         if not 1 <= depth <= self.options["max_steps"]:
             raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
         layers, frozen = self.base.model.layers, self.base.model.norm.weight
@@ -593,13 +681,24 @@ class Ouroboros(nn.Module):
                 h, cos_sin = self.base.embed(idx, caches)
                 for i in self.prelude:
                     h = layers[str(i)](h, cos_sin, next(kv))
+            halting = Halting(h) if self.halt is not None else None
             for s in range(depth):
+                cache = next(kv)
+                if halting is not None and not halting.running.any():  # every position has halted
+                    if cache is None:  # nobody attends to the steps left
+                        break
+                    self.skip(h, s, cos_sin, cache)  # a later token will attend to them
+                    continue
                 if self.checkpointing and torch.is_grad_enabled():  # memory ~ one step, not depth steps
-                    h = checkpoint(self.step, h, s, cos_sin, next(kv), use_reentrant=False)
+                    h_new = checkpoint(self.step, h, s, cos_sin, cache, use_reentrant=False)
                 else:
-                    h = self.step(h, s, cos_sin, next(kv))
+                    h_new = self.step(h, s, cos_sin, cache)
+                h = h_new if halting is None else halting.update(h, h_new, s, depth, self.halt)
+            if halting is not None:
+                h, self.last_halting = halting.out.to(h.dtype), halting
             for i in self.coda:
-                h = layers[str(i)](h, cos_sin, next(kv))
+                adapter = self.adapters[str(i)] if self.adapters is not None else None
+                h = layers[str(i)](h, cos_sin, next(kv), adapter=adapter)
             return self.base.head(h[:, -1:] if caches else h, targets)
 
     def baseline(self, idx, targets=None):
@@ -742,6 +841,7 @@ def main(argv=None):
         if args.trained and (args.full or args.baseline):
             raise ValueError(f"--trained with --{'full' if args.full else 'baseline'}: that model "
                              "has no trainables to load (drop one of the two)")
+        placement(args.device, None)  # a device this machine has
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"--model {args.model}: no such folder (a Hugging Face checkpoint directory)")
         cfg = Qwen2Config.from_pretrained(args.model)

@@ -1,4 +1,4 @@
-"""Tests that read like the specification (SPEC.md). CPU, offline, seconds each.
+"""Tests that read like the specification. CPU, offline, seconds each.
 
 Tiny random Qwen2 checkpoints are written to tmp_path in the exact Hugging Face layout
 (config.json, model.safetensors or an index + shards, tokenizer.json) and read back
@@ -609,6 +609,8 @@ BAD_GENERATIONS = {
                             "not an Ouroboros trainable file"),
     "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
     "no config.json": (["--model", "{tmp}"], "{tmp}/config.json: not found"),
+    "unknown device": (["--device", "tpu9"], "device 'tpu9': not a device torch knows"),
+    "negative max-new-tokens": (["--max-new-tokens", "-1"], "max_new_tokens=-1: must be at least 1"),
 }
 
 
@@ -742,6 +744,17 @@ def test_lone_text_file_is_cut_at_blank_lines(tmp_path, demo):
     assert read_back(tmp_path / "out", "val", demo[0]) == [paragraphs[3], paragraphs[7]]
     assert read_back(tmp_path / "out", "train", demo[0]) == [p for i, p in enumerate(paragraphs) if i % 4 != 3]
     assert meta["empty_skipped"] == 0  # the leading blank lines are a separator, not a document
+
+
+def test_lone_text_file_of_few_paragraphs_holds_out_its_last_at_the_default_fraction(tmp_path, demo):
+    """5 paragraphs at the default fraction 0.005: every-200th would hold out none, so the last
+    one is held out (a user's first notes.md must not be refused)."""
+    paragraphs = [f"Paragraph {i}." for i in range(5)]
+    (tmp_path / "notes.md").write_text("\n\n".join(paragraphs))
+    meta = prepare.prepare([tmp_path / "notes.md"], demo[0], tmp_path / "out", log=quiet)
+    assert read_back(tmp_path / "out", "val", demo[0]) == paragraphs[4:]
+    assert read_back(tmp_path / "out", "train", demo[0]) == paragraphs[:4]
+    assert (meta["train_documents"], meta["val_documents"]) == (4, 1)
 
 
 def test_lone_text_file_without_blank_lines_is_cut_every_4096_characters_at_a_line_end():
@@ -1108,7 +1121,10 @@ def test_overwrite_starts_afresh(tmp_path, demo):
 
 
 @pytest.mark.parametrize("extra, expected", [
-    (["--lr", "0"], "--lr 0.0 must be > 0"),
+    (["--lr", "0"], "--lr 0.0 must be > 0 and finite"),
+    (["--lr", "inf"], "--lr inf must be > 0 and finite"),
+    (["--device", "tpu9"], "device 'tpu9': not a device torch knows"),
+    *([(["--device", "cuda"], "device 'cuda': this torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
     (["--warmup", "10"], "--warmup 10 must be in 0..--steps"),
     (["--min-lr", "1"], "--min-lr 1.0 must be in 0..--lr"),
     (["--resume", "--overwrite"], "--resume and --overwrite do not go together"),

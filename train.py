@@ -124,7 +124,7 @@ def check_options(args):
     for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
         if not 1 <= depth <= MAX_STEPS:
             raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
-    for flag, ok, need in (("lr", args.lr > 0, "> 0"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
+    for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
                            ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
                            ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0")):
         if not ok:

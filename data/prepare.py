@@ -33,7 +33,8 @@ Writes, into --out:
 
 The held-out split is by document (never a document cut in two): document i is held out when
 floor((i + 1) f) > floor(i f), i.e. every (1/f)-th document, evenly spread and reproducible.
-When each file is one document, that is a split by file.
+When each file is one document, that is a split by file. A lone text file of n >= 2 documents
+that this rule would leave without a held-out one (n < 1/f) has its last document held out.
 
 Nothing is written until --out is known to be writable, the inputs are found and the tokenizer
 (if given) is read. Files are made in --out/prepare.tmp and moved into --out at the end, meta.json
@@ -141,14 +142,19 @@ def documents(file, alone=False):
 def read(files, val_fraction):
     """(document, "train" | "val" | "empty") of every document, in reading order. Empty ones take
     no number, so the held-out rule counts only documents that have text."""
-    i, alone = 0, len(files) == 1
+    i, alone, last = 0, len(files) == 1, None
     for file, _ in files:
         try:
-            for doc in documents(file, alone):
+            docs = documents(file, alone)
+            if alone and file.suffix not in RECORDS:  # one text, already in memory: if the rule would
+                docs = list(docs)  # hold out none of its n documents, its last one is held out
+                n = sum(1 for doc in docs if doc.strip())
+                last = n - 1 if n >= 2 and math.floor(n * val_fraction) == 0 else None
+            for doc in docs:
                 if not doc or not doc.strip():  # None: a null in a parquet column
                     yield doc, "empty"
                     continue
-                held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction)
+                held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) or i == last
                 i += 1
                 yield doc, "val" if held_out else "train"
         except UnicodeDecodeError as e:
