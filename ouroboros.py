@@ -821,9 +821,11 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description="Generate text with Ouroboros from a Qwen2 checkpoint.")
     ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, "
                     "safetensors, tokenizer.json)")
-    ap.add_argument("--trained", help="trainable weights saved by train.py (OUT/ouroboros.safetensors)")
+    ap.add_argument("--trained", help="trainable weights saved by train.py (OUT/ouroboros.safetensors); "
+                    "the options they were made with (halting, coda adapters, ...) come with them")
     ap.add_argument("--prompt", required=True)
-    ap.add_argument("--depth", type=int, default=4)
+    ap.add_argument("--depth", type=int, default=4, help="loop steps; for trainables made with --ponder-cost "
+                    "(adaptive depth), the most steps: each token stops when its halting head says so")
     ap.add_argument("--max-new-tokens", type=int, default=100)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=None)

@@ -643,6 +643,116 @@ def test_generation_command_exit_status(tiny, args, status, message):
 
 
 # ----------------------------------------------------------------------------------------
+# Beyond the paper: per-token adaptive depth (ACT halting) and coda adapters
+
+
+def halting_model(tiny, bias=None, **options):
+    """A halting model with random trainables; `bias` sets the halting head's (λ = σ(bias))."""
+    model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, halting=True, device="cpu", **options))
+    if bias is not None:
+        with torch.no_grad():
+            model.halt.weight.zero_()
+            model.halt.bias.fill_(bias)
+    return model
+
+
+def test_fresh_halting_runs_every_step_with_the_remainder_on_the_last():
+    """λ = σ(-3) = 0.0474 at init: after 3 of 4 steps the halting weights sum to 0.142 < 0.99, so
+    every position takes all 4 steps and the last gets the remainder R = 1 - 3 σ(-3) = 0.858;
+    the ponder cost is 4 + R."""
+    torch.manual_seed(0)
+    model = ob.Ouroboros.from_config(TINY, halting=True, device="cpu")
+    model(ids(), depth=4)
+    lam = torch.sigmoid(torch.tensor(-3.0))
+    assert (model.last_halting.steps == 4).all()
+    torch.testing.assert_close(model.last_halting.remainder, (1 - 3 * lam).expand(2, 12))
+    torch.testing.assert_close(model.last_halting.ponder, (5 - 3 * lam).expand(2, 12))
+
+
+def test_a_token_that_halts_at_once_is_the_depth_1_model(tiny):
+    """λ_0 = σ(6) = 0.9975 >= 1 - ε: every position stops after step 0 with weight R = 1, so the coda
+    reads h_0: the logits of the plain model at depth 1, whatever the most steps allowed."""
+    model = halting_model(tiny, bias=6.0)
+    plain = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    plain.load_state_dict(model.state_dict(), strict=False)
+    idx = ids()
+    torch.testing.assert_close(model(idx, depth=8)[0], plain(idx, depth=1)[0])
+    assert (model.last_halting.steps == 1).all()
+
+
+def test_halting_is_causal_and_tokens_take_different_depths(tiny):
+    model = halting_model(tiny)
+    with torch.no_grad():
+        model.halt.bias.fill_(-0.3)  # λ near 0.4, moved by the state: 2 or 3 steps each, mostly
+    idx = ids(B=2, T=16)
+    logits, _ = model(idx, depth=6)
+    steps = model.last_halting.steps.clone()
+    assert len(steps.unique()) > 1  # the depth is per token
+    changed = idx.clone()
+    changed[:, 10:] = (changed[:, 10:] + 1) % TINY.vocab_size
+    torch.testing.assert_close(model(changed, depth=6)[0][:, :10], logits[:, :10])
+    assert torch.equal(model.last_halting.steps[:, :10], steps[:, :10])
+
+
+@pytest.mark.parametrize("B", [1, 3])
+def test_cached_greedy_with_halting_equals_recomputation(tiny, B):
+    """A halted token's state is carried, and its K/V at the steps it skips are recomputed from it;
+    decoding one token at a time takes the skip path (K/V only) once every row has halted."""
+    model = halting_model(tiny)
+    with torch.no_grad():
+        model.halt.bias.fill_(-0.3)
+    prompt = ids(B=B, T=7)
+    with torch.no_grad():
+        expected = greedy_by_recomputation(lambda x: model(x, depth=6), prompt, 12)
+        model(expected, depth=6)
+    assert len(model.last_halting.steps.unique()) > 1
+    skipped = []
+    original = model.skip
+    model.skip = lambda *a: (skipped.append(1), original(*a))
+    assert torch.equal(ob.generate(model, prompt, 12, depth=6, top_k=1), expected)
+    assert skipped  # the K/V-only path ran and agreed
+
+
+def test_coda_adapters_leave_a_fresh_model_unchanged_and_the_baseline_alone(tiny):
+    plain = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    adapted = ob.Ouroboros.from_pretrained(tiny, coda_rank=4, device="cpu")
+    idx = ids()
+    assert torch.equal(adapted(idx, depth=2)[0], plain(idx, depth=2)[0])  # B = 0
+    randomize_trainables(adapted)
+    assert not torch.allclose(adapted(idx, depth=2)[0], plain(idx, depth=2)[0])
+    assert torch.equal(adapted.baseline(idx)[0], plain.baseline(idx)[0])  # the trunk has no adapters
+
+
+@pytest.mark.parametrize("options", [dict(halting=True), dict(coda_rank=3), dict(controller_width=40)])
+def test_beyond_the_paper_options_train_save_and_load(tiny, tmp_path, options):
+    model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu", **options))
+    idx = ids()
+    model(idx, depth=3, targets=idx.roll(-1, 1))[1].backward()
+    for name, p in model.named_trainable():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    model.save_trainable(tmp_path / "t.safetensors")
+    fresh = ob.Ouroboros.from_pretrained(tiny, device="cpu", **options)
+    fresh.load_trainable(tmp_path / "t.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(idx, depth=3)[0], model(idx, depth=3)[0])
+    with pytest.raises(ValueError, match="saved with other options"):
+        ob.Ouroboros.from_pretrained(tiny, device="cpu").load_trainable(tmp_path / "t.safetensors")
+
+
+@pytest.mark.parametrize("options, extra", [
+    (dict(coda_rank=8), 8 * 8 * (4096 + 2304 + 2304 + 4096 + 3 * 13056)),
+    (dict(halting=True), 2048 + 1),
+    (dict(controller_width=256), 1_590_528 - 664_192 + 7 * 8 * (256 - 128))])
+def test_beyond_the_paper_trainable_counts_of_qwen25_3b(options, extra):
+    """Coda adapters: r (in + out) per projection: q, o 2048 + 2048; k, v 2048 + 256; gate, up, down
+    2048 + 11008; 8 coda layers. Halting: w (2048) and b. Controller of width E = 256:
+    2048·512+512 + 64·256 + 768·512+512 + 512·256+256 = 1,590,528 (664,192 at E = 128),
+    and heads 7·E·r."""
+    model = ob.Ouroboros.from_config(QWEN25_3B, device="meta", **options)
+    assert sum(p.numel() for p in model.trainable_parameters()) == 9_193_088 + extra
+
+
+# ----------------------------------------------------------------------------------------
 # train.py and data/prepare.py, on a small random model: a 6-layer Qwen2 in the Hugging Face
 # layout, a tokenizer trained on this repository's text, and data made by the real data/prepare.py.
 
@@ -1019,6 +1129,26 @@ def test_final_table_is_one_protocol_with_reduction_and_gap(tmp_path, demo):
         assert res["loss reduction %"][s] == pytest.approx(100 * (b - o) / b)
         assert res["gap recovered %"][s] == pytest.approx(100 * (b - o) / (b - f))
     assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [2, 4]  # --eval-every 2
+
+
+def test_adaptive_depth_and_coda_adapters_train_and_report_depth_and_flops(tmp_path, demo):
+    """--ponder-cost: the log and results.json give the steps a token took (fewer than --depth once
+    the halting head learns), and the forward FLOPs per token that depth costs; --coda-rank
+    adds adapters. The trained file loads and generates through the command line."""
+    train.main(run_args(demo, tmp_path, "--ponder-cost", "0.5", "--coda-rank", "2", "--depth", "4", "--lr", "0.3"))
+    res, log = json.loads((tmp_path / "results.json").read_text()), metrics(tmp_path)
+    assert 1 <= min(m["depth"] for m in log) and max(m["depth"] for m in log) <= 4
+    assert log[-1]["depth"] < 4  # a high ponder cost and lr: the tokens learned to stop early
+    model = ob.Ouroboros.from_pretrained(demo[0], device="cpu", halting=True, coda_rank=2)
+    for s in ("train", "held-out"):
+        d = res["mean depth"][s]
+        assert 1 <= d < 4
+        assert res["forward GFLOP per token"][s] == pytest.approx(train.forward_flops(model, d, 4) / 1e9)
+    assert train.forward_flops(model, 1, 4) < train.forward_flops(model, 4, 4)
+    text = subprocess.run([sys.executable, "ouroboros.py", "--model", str(demo[0]), "--trained",
+                           str(tmp_path / "ouroboros.safetensors"), "--prompt", "def", "--max-new-tokens", "5"],
+                          cwd=HERE, capture_output=True, text=True)
+    assert text.returncode == 0 and text.stdout.startswith("def"), text.stderr
 
 
 def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):

@@ -82,6 +82,12 @@ def parse_args(argv=None):
     a("--pool", choices=["causal", "mean"], default="causal", help="mean: the paper's, sees the future")
     a("--no-gate", action="store_true")
     a("--no-step-norm", action="store_true")
+    a("--controller-width", type=positive, default=128, help="E, the Controller's width (paper: 128)")
+    # Beyond the paper: the two open problems it names, each off by default.
+    a("--ponder-cost", type=float, help="adaptive depth: each token learns when to stop (ACT), paying this "
+      "many nats per loop step it takes; --depth is then the most steps (e.g. 0.01)")
+    a("--coda-rank", type=int, default=0, help="LoRA adapters of this rank on the coda's projections "
+      "(B = 0: a fresh model is unchanged); 0: none")
     # 18,750 updates x 65,536 tokens = 1.2B tokens: the reference's 300,000 micro-batches of 2 x 2048.
     a("--steps", type=positive, default=18750, help="optimizer steps (with --resume: more to go further)")
     a("--batch-size", type=positive, default=2, help="sequences per micro-batch")
@@ -126,7 +132,9 @@ def check_options(args):
             raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
     for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
                            ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
-                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0")):
+                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
+                           ("ponder_cost", args.ponder_cost is None or args.ponder_cost >= 0, ">= 0"),
+                           ("coda_rank", args.coda_rank >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
     prepare.check_out(args.out, "--out")
@@ -221,6 +229,24 @@ def flops_per_token(model, depth, T):
                 if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
     return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
             + C * (4 * layer + 3 * attn) + 4 * cfg.hidden_size * cfg.vocab_size)
+
+
+def forward_flops(model, steps, depth):
+    """Forward FLOPs per token of Ouroboros when a token takes `steps` of `depth` loop steps (a
+    mean, with halting): 2 per weight of each matmul it needs; attention scores left out. A step
+    that a halted token skips still costs its K and V (with their LoRA) and the Controller: what
+    later tokens attend to. The batched training and evaluation passes compute every step (masked);
+    this is what a token costs when decoding."""
+    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
+    lora = sum(b.numel() for b in model.layer.buffers())
+    attn = model.layer.self_attn
+    kv = sum(t.numel() for m in (attn.k_proj, attn.v_proj) for t in (m.weight, *m.buffers()))
+    linears = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
+    trained = sum(linears(m) for m in (model.controller, model.gate, model.halt) if m is not None)
+    ctrl = linears(model.controller) if model.controller is not None else 0
+    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
+    return 2 * ((len(model.prelude) + len(model.coda)) * layer + adapters + model.cfg.hidden_size * model.cfg.vocab_size
+                + steps * (layer + lora + trained) + (depth - steps) * (kv + ctrl))
 
 
 def peak_memory(device):
@@ -351,7 +377,8 @@ def setup(args, log, device, world, rank):
     else:
         options = dict(rank=args.rank, alpha=args.alpha, prelude=args.prelude, recurrent=args.recurrent,
                        coda=args.coda, controller=args.controller, pool=args.pool, gate=not args.no_gate,
-                       step_norm=not args.no_step_norm, max_steps=MAX_STEPS)
+                       step_norm=not args.no_step_norm, max_steps=MAX_STEPS, controller_width=args.controller_width,
+                       halting=args.ponder_cost is not None, coda_rank=args.coda_rank)
         model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
                  else ob.Ouroboros.from_pretrained(args.model, device, dtype, **options))
         model.checkpointing = args.checkpointing
@@ -396,6 +423,10 @@ def train(args):
         return {"train": evaluate(loss_fn, splits["train"], args, TRAIN_EVAL, rank, world, device),
                 "held-out": evaluate(loss_fn, splits["val"], args, VAL, rank, world, device)}
 
+    def steps_taken():  # loop steps per token in the last forward pass: --depth, or fewer with halting
+        halting = getattr(model, "last_halting", None)
+        return halting.steps.mean() if halting else torch.tensor(float(args.depth))
+
     ref = {}
     if not (args.benchmark or args.pretrain):
         ref["baseline"] = losses(lambda x, y: model.baseline(x, y)[1])
@@ -419,19 +450,23 @@ def train(args):
         for group in opt.param_groups:
             group["lr"] = lr
         depth = args.depths[np.random.default_rng((args.seed, DEPTH, step)).integers(len(args.depths))]
-        loss_sum = torch.zeros((), device=device)
+        loss_sum, steps_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(args.grad_accum):
             x, y = get_batch(splits["train"], args, (args.seed, TRAIN, step, rank), micro, device)
             loss = loss_of(x, depth, y)
-            (loss / args.grad_accum).backward()  # gradients add up over the micro-batches
             loss_sum += loss.detach()
+            if args.ponder_cost is not None:  # ACT: the loss plus the cost of the steps each token took
+                steps_sum += steps_taken().detach()
+                loss = loss + args.ponder_cost * model.last_halting.ponder.mean()
+            (loss / args.grad_accum).backward()  # gradients add up over the micro-batches
         # One exchange per update: the trainables' gradients (nothing else is synchronised), the
         # loss and the Ctrl-C flag, so every rank takes the same step and stops at the same one.
         if world > 1:
             for p in params:
                 mean_over_ranks(p.grad, world)
-        stats = torch.stack([loss_sum / args.grad_accum, torch.tensor(float(bool(stop)), device=device)])
-        loss, stopping = mean_over_ranks(stats, world).tolist()
+        stats = torch.stack([loss_sum, steps_sum, torch.tensor(float(bool(stop)), device=device)])
+        loss, steps, stopping = mean_over_ranks(stats, world).tolist()
+        loss, steps = loss / args.grad_accum, steps / args.grad_accum
         norm = torch.nn.utils.clip_grad_norm_(params, 1.0).item()
         if not (math.isfinite(loss) and math.isfinite(norm)):  # before the update: no bad weights saved
             raise ValueError(f"step {step + 1}: loss {loss}, grad norm {norm}: stopped; the last good "
@@ -441,13 +476,14 @@ def train(args):
 
         dt = time.perf_counter() - t0
         m = dict(step=step + 1, loss=loss, vs_baseline=loss - ref["baseline"]["train"] if ref else None, lr=lr,
-                 grad_norm=norm, tok_s=tokens_per_step / dt, depth=depth, mem_gb=peak_memory(device) / 1e9,
+                 grad_norm=norm, tok_s=tokens_per_step / dt, depth=depth if args.ponder_cost is None else steps,
+                 mem_gb=peak_memory(device) / 1e9,
                  mfu=peak and flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
                  eta_s=(time.perf_counter() - t_start) / (step + 1 - start) * (args.steps - step - 1))
         if not args.benchmark and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             m["val_loss"] = losses(lambda x, y: loss_of(x, args.depth, y))["held-out"]
         log(f"step {step + 1}/{args.steps} | loss {loss:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
-            f"lr {lr:.2e} | grad {norm:.3f} | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
+            f"lr {lr:.2e} | grad {norm:.3f} | depth {m['depth']:.2f} | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
             f"mem {m['mem_gb']:.2f} GB | ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
             + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
         if rank == 0 and not args.benchmark:
@@ -461,11 +497,11 @@ def train(args):
         if stopping:
             log(f"interrupted: saved step {step + 1} in {out}; continue with the same command and --resume")
             return model
-    report(args, model, history, ref, losses, loss_of, log, rank)
+    report(args, model, history, ref, losses, loss_of, steps_taken, log, rank)
     return model
 
 
-def report(args, model, history, ref, losses, loss_of, log, rank):
+def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
     """The benchmark's medians, or the final table: every figure a loss of evaluate's protocol."""
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     if args.benchmark:  # the first step pays for warm-up (allocation, compilation): left out
@@ -476,6 +512,11 @@ def report(args, model, history, ref, losses, loss_of, log, rank):
         return
     name = "model" if args.pretrain else "ours"
     res = {**ref, name: losses(lambda x, y: loss_of(x, args.depth, y))}
+    if not args.pretrain:  # the loop steps a token took (with halting: one more pass), and their cost
+        res["mean depth"] = (losses(lambda x, y: (loss_of(x, args.depth, y), steps_taken())[1])
+                             if args.ponder_cost is not None else dict.fromkeys(res[name], float(args.depth)))
+        res["forward GFLOP per token"] = {s: forward_flops(model, d, args.depth) / 1e9
+                                          for s, d in res["mean depth"].items()}
     if args.pool == "mean" and not args.pretrain:  # the same weights, pooled over the prefix only
         model.pool = "causal"  # what generation sees: the gain that is left without the future
         res["ours, prefix-pooled"] = losses(lambda x, y: loss_of(x, args.depth, y))
