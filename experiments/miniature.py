@@ -13,9 +13,10 @@ Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue
   3. base    a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch: train.py --pretrain
   4. runs    every variant of the paper's tables: train.py on the base cut 3 / 6 / 3 (the paper's
              8 / 18 / 8 of 36 in proportion), all with the same steps, data order (per seed) and
-             evaluation batches; the headline rows with 3 seeds
-  5. report  experiments/results/miniature.json (every run), miniature.md (the table) and
-             miniature.png (needs matplotlib: pip install matplotlib)
+             evaluation batches; the headline rows with 3 seeds. Then beyond the paper: coda
+             adapters against a wider Controller (3 seeds), and adaptive depth against fixed depths
+  5. report  experiments/results/miniature.json (every run), miniature.md (the table),
+             miniature.png and miniature-depth.png (need matplotlib: pip install matplotlib)
 """
 import argparse
 import contextlib
@@ -81,11 +82,23 @@ ONCE = [("dynamic, mean pool (the paper's)", ["--pool", "mean"]),
         ("static per-step LoRA, depth 1", ["--controller", "static", "--depth", "1"])]
 
 
+# Beyond the paper, its two open problems. Coda adapters (rank 8: 3 layers x 8 x 2,432 = 58,368
+# numbers) against a Controller given about as many more instead (width 150 for 128: +57,310), so
+# that a gain can be told from capacity; and per-token adaptive depth (ACT halting, at most 8
+# steps) at a few ponder costs, against the fixed depths 1, 2, 4 and 8.
+CODA = [("dynamic + coda adapters (rank 8), depth 4", ["--coda-rank", "8"]),
+        ("dynamic, wider Controller (E = 150), depth 4", ["--controller-width", "150"])]
+ADAPTIVE = [(f"adaptive depth (at most 8), ponder cost {c}", ["--depth", "8", "--ponder-cost", str(c)])
+            for c in (0.001, 0.01, 0.1)] + [("dynamic, depth 2", ["--depth", "2"])]
+
+
 def runs(budget):
     """Every (row, options, seed) of the study, in the order they run."""
     ranks = [(f"dynamic, depth 4, rank {r}", ["--rank", str(r)]) for r in budget.ranks if r != 8]
     return ([(row, opts, s) for s in budget.seeds for row, opts in HEADLINE] +
-            [(row, opts, budget.seeds[0]) for row, opts in ONCE + ranks])
+            [(row, opts, budget.seeds[0]) for row, opts in ONCE + ranks] +
+            [(row, opts, s) for s in budget.seeds for row, opts in CODA] +
+            [(row, opts, budget.seeds[0]) for row, opts in ADAPTIVE])
 
 # ----------------------------------------------------------------------------------------
 # Stages 1-3: corpus, data, base (also train.py --demo's)
@@ -208,6 +221,8 @@ def collect(work, budget):
                                 "reduction %": {s: 100 * (b[s] - o[s]) / b[s] for s in b},
                                 "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
                                 "trainable": res["run"]["trainable"], "tok_s": res["run"]["tok_s"],
+                                "mean depth": res.get("mean depth", {}).get("held-out", res["run"]["depth"]),
+                                "forward GFLOP per token": res.get("forward GFLOP per token", {}).get("held-out"),
                                 "reference": {"full": f, "baseline": b}})
     return records
 
@@ -218,19 +233,20 @@ def table(records):
         return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
     ref = next(r["reference"] for r in records if "reference" in r)
     lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
-             " | gap recovered % (held-out) | trainable |", "|" + " --- |" * 8]
+             " | gap recovered % (held-out) | loop steps per token | trainable |", "|" + " --- |" * 9]
     for name in ("full", "baseline"):
         lines.append(f"| {name} model ({'12' if name == 'full' else 'pruned, 7'} layers) | - | "
-                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | 0 |")
+                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | | 0 |")
     for row in dict.fromkeys(r["row"] for r in records):
         rs = [r for r in records if r["row"] == row]
         if "diverged" in rs[0]:
-            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | |")
+            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | | |")
             continue
         lines.append(f"| {row} | {len(rs)} | " + " | ".join([
             cell([r["train"] for r in rs], ".4f"), cell([r["held-out"] for r in rs], ".4f"),
             cell([r["reduction %"]["train"] for r in rs], ".1f"), cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
-            cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), f"{rs[0]['trainable']:,}"]) + " |")
+            cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), cell([r["mean depth"] for r in rs], ".2f"),
+            f"{rs[0]['trainable']:,}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -264,6 +280,30 @@ def figure(records, file):
     fig.savefig(file, dpi=120)
 
 
+def depth_figure(records, file):
+    """Held-out loss against the loop steps a token takes: fixed depths (dynamic Controller) as a
+    line, adaptive depth (one point per ponder cost) as labelled points; one seed each."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    seed = min(r["seed"] for r in records)
+    fixed = sorted((r["mean depth"], r["held-out"]) for r in records if r["seed"] == seed and "diverged" not in r
+                   and r["row"] in ("dynamic, depth 1", "dynamic, depth 2", "dynamic, depth 4 (ours)", "dynamic, depth 8"))
+    ax.plot(*zip(*fixed), "o-", label="fixed depth 1, 2, 4, 8")
+    for r in records:
+        if r["row"].startswith("adaptive depth") and "diverged" not in r:
+            ax.plot(r["mean depth"], r["held-out"], "s", color="C3")
+            ax.annotate(r["row"].rsplit(" ", 1)[1], (r["mean depth"], r["held-out"]), fontsize=8,
+                        xytext=(4, 4), textcoords="offset points")
+    ax.plot([], [], "s", color="C3", label="adaptive (at most 8), labelled by ponder cost")
+    ax.set(xscale="log", xlabel="loop steps per token (mean over held-out tokens)", ylabel="held-out loss (nats)",
+           title=f"Adaptive depth against fixed depths (seed {seed}, same training budget)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(file, dpi=120)
+
+
 def report(work, results, budget, log, meta):
     records = collect(work, budget)
     seconds = wall_s(work / "data") + wall_s(work / "base") + sum(wall_s(work / "runs" / f"{slug(row)}-seed{seed}")
@@ -284,9 +324,10 @@ def report(work, results, budget, log, meta):
     log("\n" + md)
     try:
         figure(records, results / "miniature.png")
+        depth_figure(records, results / "miniature-depth.png")
     except ImportError:
         log("the figure needs matplotlib: pip install matplotlib, then run the same command again")
-    log(f"wrote {results}/miniature.json, miniature.md, miniature.png")
+    log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
 
 
 def cpu_name():
