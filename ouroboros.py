@@ -33,6 +33,7 @@ Sections, in reading order: config → Qwen2 blocks → loading → surgery and 
 Controller → the recurrent model (gate, per-step norms, the loop) → generation.
 """
 import argparse
+import inspect
 import json
 import os
 import sys
@@ -741,7 +742,9 @@ def read_trainable_options(file, with_config=False):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
     if "ouroboros" not in meta:
         raise ValueError(f"{file}: not an Ouroboros trainable file (no 'ouroboros' metadata)")
-    options = json.loads(meta["ouroboros"])
+    # An option added since the file was saved had its default value then.
+    defaults = {k: p.default for k, p in inspect.signature(Ouroboros).parameters.items() if k != "cfg"}
+    options = {**defaults, **json.loads(meta["ouroboros"])}
     return (options, json.loads(meta.get("config", "{}"))) if with_config else options
 
 # ----------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import ouroboros as ob
@@ -1241,6 +1242,26 @@ def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert [m["lr"] for m in metrics(tmp_path)][4:] == [train.get_lr(s, args) for s in (4, 5)]
     assert json.loads((tmp_path / "state.json").read_text())["step"] == 6
+
+
+def test_a_run_saved_before_an_option_existed_resumes_and_its_trainables_load(tmp_path, demo):
+    """Files written before --coda-rank, --ponder-cost and --controller-width existed lack them:
+    they are read as those options' defaults, which is what such a run had."""
+    train.main(run_args(demo, tmp_path, "--steps", "2"))
+    new = ("coda_rank", "ponder_cost", "controller_width", "halting")
+    state = json.loads((tmp_path / "state.json").read_text())
+    state["options"] = {k: v for k, v in state["options"].items() if k not in new}
+    (tmp_path / "state.json").write_text(json.dumps(state))
+    file = tmp_path / "ouroboros.safetensors"
+    with safe_open(file, framework="pt", device="cpu") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta["ouroboros"] = json.dumps({k: v for k, v in json.loads(meta["ouroboros"]).items() if k not in new})
+    save_file(tensors, file, metadata=meta)
+    train.main(run_args(demo, tmp_path, "--steps", "4", "--resume"))
+    assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4]
+    ob.Ouroboros.from_pretrained(demo[0], device="cpu").load_trainable(file)  # the resumed run rewrote it;
+    save_file(tensors, file, metadata=meta)  # and the old file itself loads too
+    ob.Ouroboros.from_pretrained(demo[0], device="cpu").load_trainable(file)
 
 
 def test_overwrite_starts_afresh(tmp_path, demo):

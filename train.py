@@ -290,8 +290,8 @@ def saved_run(args, run):
                              "--steps to go further), or give another --out, or --overwrite to start afresh")
         return None
     state = ob.read_json(file, "no checkpoint to resume: run without --resume")
-    diff = [f"{k}: checkpoint {state['options'].get(k)!r}, now {v!r}" for k, v in run.items()
-            if state["options"].get(k) != v]
+    saved = {**vars(parse_args([])), **state["options"]}  # an option added since the save had its default
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
     if diff:
         raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
     if args.steps <= state["step"]:
