@@ -869,15 +869,19 @@ def main(argv=None):
             model = model.base if args.baseline else model
         device = next(model.parameters()).device
         idx = torch.tensor([prompt], dtype=torch.long, device=device)
-        new, t_first = [], None
+        new, t_first, steps = [], None, []
         for x in stream(model, idx, args.max_new_tokens, args.depth, args.temperature, args.top_k):
             new.append(x.item())  # .item() waits for the device, so the clock is honest
             t_first = t_first or time.perf_counter()
+            if getattr(model, "halt", None) is not None:  # adaptive depth: the steps this token took
+                steps.append(model.last_halting.steps.mean().item())
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
     print(args.prompt + tok.decode(new))
     if len(new) > 1:
-        print(f"decode: {(len(new) - 1) / (time.perf_counter() - t_first):.1f} tokens/s", file=sys.stderr)
+        print(f"decode: {(len(new) - 1) / (time.perf_counter() - t_first):.1f} tokens/s"
+              + (f", {sum(steps) / len(steps):.2f} loop steps per token (at most {args.depth})" if steps else ""),
+              file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -1150,6 +1150,7 @@ def test_adaptive_depth_and_coda_adapters_train_and_report_depth_and_flops(tmp_p
                            str(tmp_path / "ouroboros.safetensors"), "--prompt", "def", "--max-new-tokens", "5"],
                           cwd=HERE, capture_output=True, text=True)
     assert text.returncode == 0 and text.stdout.startswith("def"), text.stderr
+    assert "loop steps per token (at most 4)" in text.stderr
 
 
 def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
