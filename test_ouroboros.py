@@ -714,6 +714,24 @@ def test_cached_greedy_with_halting_equals_recomputation(tiny, B):
     assert skipped  # the K/V-only path ran and agreed
 
 
+def test_forward_flops_is_what_a_decoded_token_that_halts_costs(tiny):
+    """A token that halts at once (λ = σ(6)) with at most 4 steps runs step 0 and, at steps 1-3,
+    only its K/V and the Controller: torch's count of that decode call's matmuls is
+    train.forward_flops(model, 1, 4), give or take the attention scores over the 8 cached positions
+    (which the formula leaves out). A token that ran all 4 steps would cost more."""
+    from torch.utils.flop_counter import FlopCounterMode
+    model = halting_model(tiny, bias=6.0)
+    prompt = ids(B=1, T=7)
+    caches = [ob.KVCache(8) for _ in range(len(model.prelude) + 4 + len(model.coda))]
+    with torch.no_grad():
+        model(prompt, 4, caches=caches)
+        with FlopCounterMode(display=False) as counter:
+            model(prompt[:, :1], 4, caches=caches)
+    scores = 4 * TINY.hidden_size * 8 * (len(model.prelude) + 1 + len(model.coda))
+    assert 0 <= counter.get_total_flops() - train.forward_flops(model, 1, 4) <= scores
+    assert train.forward_flops(model, 4, 4) > train.forward_flops(model, 1, 4) + scores
+
+
 def test_coda_adapters_leave_a_fresh_model_unchanged_and_the_baseline_alone(tiny):
     plain = ob.Ouroboros.from_pretrained(tiny, device="cpu")
     adapted = ob.Ouroboros.from_pretrained(tiny, coda_rank=4, device="cpu")

@@ -121,6 +121,14 @@ def parse_args(argv=None):
     return args
 
 
+def model_options(a):
+    """Ouroboros's options from train.py's: vars(args), or the options saved in state.json."""
+    return dict(rank=a["rank"], alpha=a["alpha"], prelude=a["prelude"], recurrent=a["recurrent"], coda=a["coda"],
+                controller=a["controller"], pool=a["pool"], gate=not a["no_gate"], step_norm=not a["no_step_norm"],
+                max_steps=MAX_STEPS, controller_width=a["controller_width"], halting=a["ponder_cost"] is not None,
+                coda_rank=a["coda_rank"])
+
+
 def check_options(args):
     """Everything that can be refused without weights, in one line naming the flag and value."""
     for a, b in (("demo", "benchmark"), ("demo", "pretrain"), ("benchmark", "pretrain"), ("demo", "resume"),
@@ -238,9 +246,9 @@ def forward_flops(model, steps, depth):
     later tokens attend to. The batched training and evaluation passes compute every step (masked);
     this is what a token costs when decoding."""
     layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
-    lora = sum(b.numel() for b in model.layer.buffers())
+    lora = sum(b.numel() for b in model.layer.buffers()) if model.controller is not None else 0  # "none": unused
     attn = model.layer.self_attn
-    kv = sum(t.numel() for m in (attn.k_proj, attn.v_proj) for t in (m.weight, *m.buffers()))
+    kv = sum(m.weight.numel() + bool(lora) * (m.lora_A.numel() + m.lora_B.numel()) for m in (attn.k_proj, attn.v_proj))
     linears = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     trained = sum(linears(m) for m in (model.controller, model.gate, model.halt) if m is not None)
     ctrl = linears(model.controller) if model.controller is not None else 0
@@ -375,10 +383,7 @@ def setup(args, log, device, world, rank):
         model = (ob.Qwen2.from_pretrained(out, device=device, dtype=torch.float32) if state
                  else ob.Qwen2.from_config(cfg, device=device, dtype=torch.float32)).requires_grad_(True)
     else:
-        options = dict(rank=args.rank, alpha=args.alpha, prelude=args.prelude, recurrent=args.recurrent,
-                       coda=args.coda, controller=args.controller, pool=args.pool, gate=not args.no_gate,
-                       step_norm=not args.no_step_norm, max_steps=MAX_STEPS, controller_width=args.controller_width,
-                       halting=args.ponder_cost is not None, coda_rank=args.coda_rank)
+        options = model_options(vars(args))
         model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
                  else ob.Ouroboros.from_pretrained(args.model, device, dtype, **options))
         model.checkpointing = args.checkpointing

@@ -202,7 +202,8 @@ def slug(row):
 
 
 def collect(work, budget):
-    """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, curve."""
+    """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, loop steps
+    per token and their forward FLOPs (train.forward_flops, from the run's saved options), curve."""
     records, todo = [], runs(budget)
     first = json.loads((work / "runs" / f"{slug(todo[0][0])}-seed{todo[0][2]}" / "results.json").read_text())
     for row, opts, seed in todo:
@@ -214,6 +215,9 @@ def collect(work, budget):
             records.append({**rec, "diverged": (out / "diverged.txt").read_text()})
             continue
         res = json.loads((out / "results.json").read_text())
+        options = {**vars(train.parse_args([])), **json.loads((out / "state.json").read_text())["options"]}
+        shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
+        depth = res.get("mean depth", {}).get("held-out", res["run"]["depth"])  # with halting: fewer steps
         for name, key in (("ours", row), ("ours, prefix-pooled", row + ", prefix-pooled (as it generates)")):
             if name in res:
                 b, f, o = res["baseline"], first["full"], res[name]
@@ -221,8 +225,8 @@ def collect(work, budget):
                                 "reduction %": {s: 100 * (b[s] - o[s]) / b[s] for s in b},
                                 "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
                                 "trainable": res["run"]["trainable"], "tok_s": res["run"]["tok_s"],
-                                "mean depth": res.get("mean depth", {}).get("held-out", res["run"]["depth"]),
-                                "forward GFLOP per token": res.get("forward GFLOP per token", {}).get("held-out"),
+                                "mean depth": depth,
+                                "forward GFLOP per token": train.forward_flops(shape, depth, res["run"]["depth"]) / 1e9,
                                 "reference": {"full": f, "baseline": b}})
     return records
 
@@ -233,20 +237,21 @@ def table(records):
         return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
     ref = next(r["reference"] for r in records if "reference" in r)
     lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
-             " | gap recovered % (held-out) | loop steps per token | trainable |", "|" + " --- |" * 9]
+             " | gap recovered % (held-out) | loop steps per token | forward MFLOP per token | trainable |",
+             "|" + " --- |" * 10]
     for name in ("full", "baseline"):
         lines.append(f"| {name} model ({'12' if name == 'full' else 'pruned, 7'} layers) | - | "
-                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | | 0 |")
+                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | | | 0 |")
     for row in dict.fromkeys(r["row"] for r in records):
         rs = [r for r in records if r["row"] == row]
         if "diverged" in rs[0]:
-            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | | |")
+            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | | | |")
             continue
         lines.append(f"| {row} | {len(rs)} | " + " | ".join([
             cell([r["train"] for r in rs], ".4f"), cell([r["held-out"] for r in rs], ".4f"),
             cell([r["reduction %"]["train"] for r in rs], ".1f"), cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
             cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), cell([r["mean depth"] for r in rs], ".2f"),
-            f"{rs[0]['trainable']:,}"]) + " |")
+            cell([r["forward GFLOP per token"] * 1e3 for r in rs], ".2f"), f"{rs[0]['trainable']:,}"]) + " |")
     return "\n".join(lines) + "\n"
 
 
