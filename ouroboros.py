@@ -30,7 +30,8 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
     pytest test_ouroboros.py                                                # test
 
 Sections, in reading order: config → Qwen2 blocks → loading → surgery and SVD bases →
-Controller → the recurrent model (gate, per-step norms, the loop) → generation.
+Controller (and, beyond the paper, coda adapters and per-token halting) → the recurrent
+model (gate, per-step norms, the loop) → generation.
 """
 import argparse
 import inspect
@@ -461,6 +462,7 @@ def svd_basis(delta, rank):
 
 # ----------------------------------------------------------------------------------------
 # Controller: the hypernetwork that makes each recurrence step input-dependent
+# (then, beyond the paper: coda adapters and per-token halting)
 
 
 class Controller(nn.Module):
@@ -599,8 +601,9 @@ class Ouroboros(nn.Module):
             nn.init.zeros_(self.halt.weight)
             nn.init.constant_(self.halt.bias, -3.0)  # λ = σ(-3) = 0.047: a fresh model runs ~every step
         self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
-        if not 0 <= coda_rank <= min(min(self.layer.get_submodule(t).weight.shape) for t in TARGETS):
-            raise ValueError(f"coda_rank {coda_rank} is out of range for this model's projections")
+        most = min(min(self.layer.get_submodule(t).weight.shape) for t in TARGETS)
+        if not 0 <= coda_rank <= most:
+            raise ValueError(f"coda_rank {coda_rank} is out of range: use 0 (no adapters) to {most}")
         self.adapters = nn.ModuleDict({str(i): Adapter(self.base.model.layers[str(i)], coda_rank, alpha)
                                        for i in self.coda}) if coda_rank else None
         self.checkpointing = False  # True: recompute each step in backward instead of storing it

@@ -494,6 +494,7 @@ def test_bad_checkpoint_is_refused_clearly(tmp_path, case):
     (dict(recurrent=5), "out of range"),
     (dict(prelude=3, recurrent=3, coda=2), "removes no layer"),
     (dict(rank=17), r"rank 17 is out of range for self_attn.k_proj \(16 x 32\)"),
+    (dict(coda_rank=17), r"coda_rank 17 is out of range: use 0 \(no adapters\) to 16"),
     (dict(controller="lstm"), "controller='lstm'"),
     (dict(pool="max"), "pool='max'"),
 ])
