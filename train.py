@@ -531,7 +531,7 @@ def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
         res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
         if f:
             res["gap recovered %"] = {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b}
-    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({name}: depth {args.depth}, {args.steps} steps)")
+    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({name}: {'' if args.pretrain else f'depth {args.depth}, '}{args.steps} steps)")
     for row, v in res.items():
         log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in ("train", "held-out")))
     if rank == 0:
