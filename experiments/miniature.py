@@ -272,11 +272,16 @@ def figure(records, file):
     left.set(xlabel="optimizer step", ylabel="held-out loss (nats)", title="Held-out loss while training")
     left.legend(fontsize=8)
     rows = [r for r in dict.fromkeys(r["row"] for r in records if "diverged" not in r)]
+    low = -25  # a bar below this (a run that made things worse) is cut, its value written beside it
     for i, row in enumerate(rows):
         rs = [r for r in records if r["row"] == row]
-        held = [r["gap recovered %"]["held-out"] for r in rs]
-        right.barh(i, statistics.mean(held), xerr=statistics.stdev(held) if len(held) > 1 else 0, color="C0")
-        right.plot([r["gap recovered %"]["train"] for r in rs], [i] * len(rs), "k.")
+        held = statistics.mean(r["gap recovered %"]["held-out"] for r in rs)
+        sd = statistics.stdev(r["gap recovered %"]["held-out"] for r in rs) if len(rs) > 1 else 0
+        right.barh(i, max(held, low), xerr=sd, color="C0" if held >= low else "C3")
+        right.plot([max(r["gap recovered %"]["train"], low) for r in rs], [i] * len(rs), "k.")
+        if held < low:
+            right.annotate(f"{held:.0f}% (bar cut)", (0, i), xytext=(4, -3), textcoords="offset points", fontsize=8)
+    right.set_xlim(left=low)
     right.set_yticks(range(len(rows)), rows, fontsize=8)
     right.invert_yaxis()
     right.set(xlabel="gap recovered % (bars: held-out, ± 1 sd over seeds; dots: train)",
@@ -302,7 +307,10 @@ def depth_figure(records, file):
             ax.annotate(r["row"].rsplit(" ", 1)[1], (r["mean depth"], r["held-out"]), fontsize=8,
                         xytext=(4, 4), textcoords="offset points")
     ax.plot([], [], "s", color="C3", label="adaptive (at most 8), labelled by ponder cost")
-    ax.set(xscale="log", xlabel="loop steps per token (mean over held-out tokens)", ylabel="held-out loss (nats)",
+    ax.set_xscale("log")
+    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
+    ax.minorticks_off()
+    ax.set(xlabel="loop steps per token (mean over held-out tokens)", ylabel="held-out loss (nats)",
            title=f"Adaptive depth against fixed depths (seed {seed}, same training budget)")
     ax.legend(fontsize=8)
     fig.tight_layout()
