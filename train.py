@@ -2,7 +2,7 @@
 Train Ouroboros: only the Controller, the gate and the per-step norms learn; Qwen2 is frozen.
 
     python train.py --depth 4 --rank 8                      # the paper's recipe on a GPU
-    python train.py --demo                                  # a few CPU minutes: a real result in miniature
+    python train.py --demo                                  # a real result in miniature, on a CPU (README)
     torchrun --nproc_per_node 8 train.py --depth 4          # data parallel on 8 GPUs
     python train.py --benchmark --model configs/Qwen2.5-3B  # speed from a config.json alone
     python train.py --pretrain --model DIR --data DIR       # every weight of a from-scratch Qwen2

@@ -61,7 +61,7 @@ FULL = Budget(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermedia
                                     rope_theta=10000.0, tie_word_embeddings=True),
               every_nth_file=1, val_fraction=0.05, pretrain=(800, 3e-3, 80, 1), steps=200, lr=2e-3, warmup=20,
               batch=(8, 256), eval_batches=16, eval_every=40, seeds=(0, 1, 2), ranks=(8, 32))
-DEMO = replace(FULL, pretrain=(250, 3e-3, 25, 1))  # train.py --demo: a shorter pretraining, the same base
+DEMO = replace(FULL, pretrain=(500, 3e-3, 50, 1))  # train.py --demo: a shorter pretraining, the same base
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
