@@ -1,0 +1,103 @@
+"""
+Side by side: this checkout's training step against another git revision's, on one machine.
+
+    python experiments/benchmark.py --against a0d422f                   # Qwen2.5-0.5B shape, CPU, bf16 and float32
+    python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 -- --depth 16
+
+Each round runs `train.py --benchmark` once in each checkout, alternating A B A B, so that a
+noisy machine (other jobs, turbo, thermals) weighs on both alike; one timing alone means little
+on shared cores. The other revision is checked out with `git worktree` in a temporary folder.
+For every run it reads what train.py prints (the median tok/s of the updates after the first)
+and the peak resident memory *during training*: the largest RSS of the process, sampled every
+few milliseconds from /proc, once the model is loaded (after train.py's "trainable |" line).
+It prints the median over rounds of each, and the ratio this / other. Linux only (/proc).
+"""
+import argparse
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent.parent
+
+
+def rss_bytes(pid):
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:  # the process has ended
+        pass
+    return 0
+
+
+def run(checkout, argv):
+    """One `train.py --benchmark` in `checkout`: (tok/s, peak RSS in bytes after loading)."""
+    proc = subprocess.Popen([sys.executable, "-u", "train.py", *argv], cwd=checkout, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    loaded, peak, lines = threading.Event(), [0], []
+
+    def sample():  # until the process ends
+        while proc.poll() is None:
+            if loaded.is_set():
+                peak[0] = max(peak[0], rss_bytes(proc.pid))
+            time.sleep(0.005)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for line in proc.stdout:
+        lines.append(line)
+        if " trainable | " in line:
+            loaded.set()
+    proc.wait()
+    sampler.join()
+    found = re.search(r"benchmark: ([\d,]+) tok/s", "".join(lines))
+    if proc.returncode or not found:
+        sys.exit(f"error: train.py in {checkout} failed:\n{''.join(lines[-5:])}")
+    return float(found.group(1).replace(",", "")), peak[0]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--against", required=True, help="the other git revision (a commit, tag or branch)")
+    ap.add_argument("--model", default="configs/Qwen2.5-0.5B", help="a folder with a config.json (random weights)")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
+    ap.add_argument("extra", nargs="*", help="after --: more train.py options (e.g. --depth 16)")
+    args = ap.parse_args(argv)
+    common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", "4", "--rank", "8",
+              "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
+    with tempfile.TemporaryDirectory() as tmp:
+        other = Path(tmp) / "other"
+        made = subprocess.run(["git", "worktree", "add", "--detach", str(other), args.against], cwd=HERE,
+                              capture_output=True, text=True)
+        if made.returncode:
+            sys.exit(f"error: --against {args.against}: {made.stderr.strip().splitlines()[-1]}")
+        try:
+            results = {}  # (dtype, side) -> [(tok/s, peak)]
+            for r in range(args.rounds):
+                for dtype in args.dtypes.split(","):
+                    for side, checkout in (("this", HERE), ("other", other)):  # A B A B
+                        out = Path(tmp) / f"out-{side}"
+                        results.setdefault((dtype, side), []).append(
+                            run(checkout, [*common, "--dtype", dtype, "--out", str(out)]))
+                        tok_s, peak = results[(dtype, side)][-1]
+                        print(f"round {r + 1}/{args.rounds} {dtype:>8} {side:>5}: {tok_s:,.0f} tok/s, "
+                              f"train peak {peak / 1e9:.2f} GB", flush=True)
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=HERE, capture_output=True)
+    print(f"\nmedians over {args.rounds} rounds (this checkout vs {args.against}; {' '.join(common[1:])}):")
+    print(f"{'dtype':>9} | {'this tok/s':>10} | {'other tok/s':>11} | speed ratio | {'this peak':>9} | "
+          f"{'other peak':>10} | memory ratio")
+    for dtype in args.dtypes.split(","):
+        (a_s, a_m), (b_s, b_m) = [[statistics.median(x) for x in zip(*results[(dtype, side)])]
+                                  for side in ("this", "other")]
+        print(f"{dtype:>9} | {a_s:>10,.0f} | {b_s:>11,.0f} | {a_s / b_s:>10.2f}x | {a_m / 1e9:>7.2f} GB | "
+              f"{b_m / 1e9:>8.2f} GB | {a_m / b_m:>11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
