@@ -495,6 +495,7 @@ def test_bad_checkpoint_is_refused_clearly(tmp_path, case):
     (dict(prelude=3, recurrent=3, coda=2), "removes no layer"),
     (dict(rank=17), r"rank 17 is out of range for self_attn.k_proj \(16 x 32\)"),
     (dict(coda_rank=17), r"coda_rank 17 is out of range: use 0 \(no adapters\) to 16"),
+    (dict(coda=0, coda_rank=4), "coda_rank 4 with coda=0: there is no coda layer to adapt"),
     (dict(controller="lstm"), "controller='lstm'"),
     (dict(pool="max"), "pool='max'"),
 ])
@@ -1157,8 +1158,9 @@ def test_adaptive_depth_and_coda_adapters_train_and_report_depth_and_flops(tmp_p
     adds adapters. The trained file loads and generates through the command line."""
     train.main(run_args(demo, tmp_path, "--ponder-cost", "0.5", "--coda-rank", "2", "--depth", "4", "--lr", "0.3"))
     res, log = json.loads((tmp_path / "results.json").read_text()), metrics(tmp_path)
-    assert 1 <= min(m["depth"] for m in log) and max(m["depth"] for m in log) <= 4
-    assert log[-1]["depth"] < 4  # a high ponder cost and lr: the tokens learned to stop early
+    assert {m["depth"] for m in log} == {4}  # the most steps
+    assert 1 <= min(m["steps"] for m in log) and max(m["steps"] for m in log) <= 4
+    assert log[-1]["steps"] < 4  # a high ponder cost and lr: the tokens learned to stop early
     model = ob.Ouroboros.from_pretrained(demo[0], device="cpu", halting=True, coda_rank=2)
     for s in ("train", "held-out"):
         d = res["mean depth"][s]
@@ -1294,6 +1296,9 @@ def test_overwrite_starts_afresh(tmp_path, demo):
 @pytest.mark.parametrize("extra, expected", [
     (["--lr", "0"], "--lr 0.0 must be > 0 and finite"),
     (["--lr", "inf"], "--lr inf must be > 0 and finite"),
+    (["--ponder-cost", "inf"], "--ponder-cost inf must be >= 0 and finite"),
+    (["--pretrain", "--ponder-cost", "0.01"], "--pretrain trains a plain Qwen2: --ponder-cost"),
+    (["--pretrain", "--coda-rank", "2"], "--pretrain trains a plain Qwen2"),
     (["--device", "tpu9"], "device 'tpu9': not a device torch knows"),
     *([(["--device", "cuda"], "device 'cuda': this torch sees no CUDA GPU")] if not torch.cuda.is_available() else []),
     (["--warmup", "10"], "--warmup 10 must be in 0..--steps"),

@@ -135,13 +135,16 @@ def check_options(args):
                  ("resume", "overwrite"), ("pretrain", "eval_full")):
         if getattr(args, a) and getattr(args, b):
             raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
+    if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
+        raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
+                         "are Ouroboros options")
     for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
         if not 1 <= depth <= MAX_STEPS:
             raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
     for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
                            ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
                            ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
-                           ("ponder_cost", args.ponder_cost is None or args.ponder_cost >= 0, ">= 0"),
+                           ("ponder_cost", args.ponder_cost is None or 0 <= args.ponder_cost < math.inf, ">= 0 and finite"),
                            ("coda_rank", args.coda_rank >= 0, ">= 0")):
         if not ok:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
@@ -220,7 +223,8 @@ def flops_per_token(model, depth, T):
     no weight gradient:
         prelude (no autograd)                      2 N_layer P
         loop, coda, lm_head (frozen)               4 (N_layer + N_lora) depth + 4 N_layer C + 4 d V
-        Controller and gate (trained)              6 N_train depth
+        Controller, gate, halting head (trained)   6 N_train depth
+        coda adapters (trained)                    6 N_adapters
         attention QKᵀ and AV (no causal halving)   4 T d per call forward, twice that backward
     N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected.
     Pretraining (every weight trains): 6 N per token for the N weights of the matrices, plus attention."""
@@ -235,8 +239,9 @@ def flops_per_token(model, depth, T):
     lora = sum(b.numel() for b in model.layer.buffers())
     train = sum(m.weight.numel() for m in model.modules()
                 if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
+    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
     return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
-            + C * (4 * layer + 3 * attn) + 4 * cfg.hidden_size * cfg.vocab_size)
+            + C * (4 * layer + 3 * attn) + 6 * adapters + 4 * cfg.hidden_size * cfg.vocab_size)
 
 
 def forward_flops(model, steps, depth):
@@ -250,8 +255,9 @@ def forward_flops(model, steps, depth):
     attn = model.layer.self_attn
     kv = sum(m.weight.numel() + bool(lora) * (m.lora_A.numel() + m.lora_B.numel()) for m in (attn.k_proj, attn.v_proj))
     linears = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
-    trained = sum(linears(m) for m in (model.controller, model.gate, model.halt) if m is not None)
-    ctrl = linears(model.controller) if model.controller is not None else 0
+    # The Controller runs per token with the causal pool; the mean pool runs it once per sequence.
+    ctrl = linears(model.controller) if model.controller is not None and model.pool == "causal" else 0
+    trained = ctrl + sum(linears(m) for m in (model.gate, model.halt) if m is not None)
     adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
     return 2 * ((len(model.prelude) + len(model.coda)) * layer + adapters + model.cfg.hidden_size * model.cfg.vocab_size
                 + steps * (layer + lora + trained) + (depth - steps) * (kv + ctrl))
@@ -481,14 +487,15 @@ def train(args):
 
         dt = time.perf_counter() - t0
         m = dict(step=step + 1, loss=loss, vs_baseline=loss - ref["baseline"]["train"] if ref else None, lr=lr,
-                 grad_norm=norm, tok_s=tokens_per_step / dt, depth=depth if args.ponder_cost is None else steps,
-                 mem_gb=peak_memory(device) / 1e9,
+                 grad_norm=norm, tok_s=tokens_per_step / dt, depth=depth,
+                 steps=depth if args.ponder_cost is None else steps, mem_gb=peak_memory(device) / 1e9,
                  mfu=peak and flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
                  eta_s=(time.perf_counter() - t_start) / (step + 1 - start) * (args.steps - step - 1))
         if not args.benchmark and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             m["val_loss"] = losses(lambda x, y: loss_of(x, args.depth, y))["held-out"]
         log(f"step {step + 1}/{args.steps} | loss {loss:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
-            f"lr {lr:.2e} | grad {norm:.3f} | depth {m['depth']:.2f} | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
+            f"lr {lr:.2e} | grad {norm:.3f} | depth {depth}"
+            + (f" (took {steps:.2f})" if args.ponder_cost is not None else "") + f" | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
             f"mem {m['mem_gb']:.2f} GB | ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
             + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
         if rank == 0 and not args.benchmark:

@@ -231,16 +231,18 @@ def collect(work, budget):
     return records
 
 
-def table(records):
+def table(records, config):
     """Markdown: one line per row, mean ± standard deviation over seeds where there are several."""
-    def cell(xs, spec):
-        return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
+    def cell(xs, spec):  # one value where the seeds cannot differ (a count, a fixed depth)
+        same = len(set(xs)) == 1
+        return format(xs[0], spec) if same else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
     ref = next(r["reference"] for r in records if "reference" in r)
     lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
              " | gap recovered % (held-out) | loop steps per token | forward MFLOP per token | trainable |",
              "|" + " --- |" * 10]
-    for name in ("full", "baseline"):
-        lines.append(f"| {name} model ({'12' if name == 'full' else 'pruned, 7'} layers) | - | "
+    P, _, C, _ = ob.split_layers(config.num_hidden_layers)
+    for name, layers in (("full", config.num_hidden_layers), ("baseline", f"pruned, {P + 1 + C}")):
+        lines.append(f"| {name} model ({layers} layers) | - | "
                      f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | | | 0 |")
     for row in dict.fromkeys(r["row"] for r in records):
         rs = [r for r in records if r["row"] == row]
@@ -277,8 +279,10 @@ def figure(records, file):
         rs = [r for r in records if r["row"] == row]
         held = statistics.mean(r["gap recovered %"]["held-out"] for r in rs)
         sd = statistics.stdev(r["gap recovered %"]["held-out"] for r in rs) if len(rs) > 1 else 0
-        right.barh(i, max(held, low), xerr=sd, color="C0" if held >= low else "C3")
-        right.plot([max(r["gap recovered %"]["train"], low) for r in rs], [i] * len(rs), "k.")
+        right.barh(i, max(held, low), xerr=sd if held >= low else 0, color="C0" if held >= low else "C3")
+        for r in rs:  # a train dot below the axis is drawn at its edge as "<"
+            train = r["gap recovered %"]["train"]
+            right.plot(max(train, low), i, "k." if train >= low else "k<")
         if held < low:
             right.annotate(f"{held:.0f}% (bar cut)", (0, i), xytext=(4, -3), textcoords="offset points", fontsize=8)
     right.set_xlim(left=low)
@@ -300,7 +304,8 @@ def depth_figure(records, file):
     seed = min(r["seed"] for r in records)
     fixed = sorted((r["mean depth"], r["held-out"]) for r in records if r["seed"] == seed and "diverged" not in r
                    and r["row"] in ("dynamic, depth 1", "dynamic, depth 2", "dynamic, depth 4 (ours)", "dynamic, depth 8"))
-    ax.plot(*zip(*fixed), "o-", label="fixed depth 1, 2, 4, 8")
+    if fixed:
+        ax.plot(*zip(*fixed), "o-", label="fixed depth 1, 2, 4, 8")
     for r in records:
         if r["row"].startswith("adaptive depth") and "diverged" not in r:
             ax.plot(r["mean depth"], r["held-out"], "s", color="C3")
@@ -332,7 +337,7 @@ def report(work, results, budget, log, meta):
                  base=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
                  runs=records)
     ob.write_json(results / "miniature.json", study)
-    md = table(records)
+    md = table(records, budget.config)
     (results / "miniature.md").write_text(md)
     log("\n" + md)
     try:
