@@ -25,6 +25,7 @@ import json
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import sysconfig
 import time
@@ -327,7 +328,9 @@ def report(work, results, budget, log, meta):
     seconds = wall_s(work / "data") + wall_s(work / "base") + sum(wall_s(work / "runs" / f"{slug(row)}-seed{seed}")
                                                                   for row, _, seed in runs(budget))
     results.mkdir(parents=True, exist_ok=True)
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
+                 commit=head.stdout.strip() or None,  # of the report; a cached run may be older
                  machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
                  cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__, wall_s=round(seconds),
                  corpus=dict(what="Python standard library (.py, no tests)", files=meta.get("files"),
