@@ -266,13 +266,14 @@ class LinearCrossEntropy(torch.autograd.Function):
     def backward(ctx, _, grad_loss):
         x2, w, logits, t, lse, weight = ctx.saved_tensors
         grad_x, grad_w = torch.empty_like(x2), torch.zeros_like(w) if ctx.needs_input_grad[1] else None
+        # One float32 (chunk, vocab) buffer for every chunk: the returned logits are never written
+        # (float32 ones would be), and no chunk-sized tensor is allocated per chunk.
+        buf = logits.new_empty(min(ctx.chunk, len(x2)), logits.size(1), dtype=torch.float32)
         for i in range(0, len(x2), ctx.chunk):  # d loss / d logits = (softmax - onehot(t)) · weight
             rows = slice(i, i + ctx.chunk)
-            # Out of place: float32 logits would otherwise be overwritten (the returned ones),
-            # and bf16 ones are promoted straight into the one float32 chunk.
-            g = (logits[rows] - lse[rows, None]).exp_()  # softmax, (chunk, vocab), float32
+            g = torch.sub(logits[rows], lse[rows, None], out=buf[:len(x2[rows])]).exp_()  # softmax, float32
             g[torch.arange(len(g)), t[rows].clamp(min=0)] -= 1
-            g = (g * (weight[rows, None] * grad_loss)).to(x2.dtype)
+            g = g.mul_(weight[rows, None] * grad_loss).to(x2.dtype)
             grad_x[rows] = g @ w
             if grad_w is not None:
                 grad_w += g.T @ x2[rows]

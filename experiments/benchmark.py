@@ -3,6 +3,7 @@ Side by side: this checkout's training step against another git revision's, on o
 
     python experiments/benchmark.py --against a0d422f                   # Qwen2.5-0.5B shape, CPU, bf16 and float32
     python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 -- --depth 16
+    python experiments/benchmark.py --profile                          # where this checkout's step goes
 
 Each round runs `train.py --benchmark` once in each checkout, alternating A B A B, so that a
 noisy machine (other jobs, turbo, thermals) weighs on both alike; one timing alone means little
@@ -11,6 +12,10 @@ For every run it reads what train.py prints (the median tok/s of the updates aft
 and the peak resident memory *during training*: the largest RSS of the process, sampled every
 few milliseconds from /proc, once the model is loaded (after train.py's "trainable |" line).
 It prints the median over rounds of each, and the ratio this / other. Linux only (/proc).
+
+--profile instead runs torch.profiler over one training step of this checkout (after one step of
+warm-up) and splits its CPU time by kind of op (self time, so nothing is counted twice), and counts
+the bytes autograd saves for the backward pass (each storage once).
 """
 import argparse
 import re
@@ -60,14 +65,61 @@ def run(checkout, argv):
     return float(found.group(1).replace(",", "")), peak[0]
 
 
+KINDS = {  # op name fragments -> kind; the first match wins
+    "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
+    "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
+    "dtype casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
+    "loss (LinearCrossEntropy, outside its matmuls)": ("LinearCrossEntropy",),
+}
+
+
+def profile(model_dir, dtype, seq_len=256, depth=4):
+    """CPU time of one training step by kind of op, and the bytes saved for backward."""
+    import torch
+    sys.path.insert(0, str(HERE))
+    import ouroboros as ob
+    torch.manual_seed(0)
+    cfg = ob.Qwen2Config.from_pretrained(HERE / model_dir)
+    model = ob.Ouroboros.from_config(cfg, "cpu", getattr(torch, dtype), rank=8)
+    x, y = torch.randint(0, cfg.vocab_size, (2, 1, seq_len))
+    model(x, depth, y)[1].backward()  # warm-up
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(x, depth, y)[1]
+    loss.backward()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        model(x, depth, y)[1].backward()
+    by_kind, total = {}, 0
+    for e in prof.key_averages():
+        kind = next((k for k, frags in KINDS.items() if any(f in e.key for f in frags)), "element-wise and other")
+        by_kind.setdefault(kind, []).append((e.self_cpu_time_total, e.key))
+        total += e.self_cpu_time_total
+    print(f"one training step, {dtype} frozen weights, {model_dir}, 1 x {seq_len} tokens, depth {depth}, rank 8, "
+          f"{torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
+    for kind, ops in sorted(by_kind.items(), key=lambda kv: -sum(t for t, _ in kv[1])):
+        t = sum(t for t, _ in ops)
+        top = ", ".join(f"{k.replace('aten::', '')} {v / 1e3:.0f}" for v, k in sorted(ops, reverse=True)[:4])
+        print(f"  {kind:<48} {t / 1e3:>7,.0f} ms  {100 * t / total:>4.0f}%   ({top})")
+    print(f"saved for backward: {sum(saved.values()) / 1e6:,.0f} MB in {len(saved)} storages")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--against", required=True, help="the other git revision (a commit, tag or branch)")
+    ap.add_argument("--against", help="the other git revision (a commit, tag or branch)")
+    ap.add_argument("--profile", action="store_true", help="profile one step of this checkout instead")
     ap.add_argument("--model", default="configs/Qwen2.5-0.5B", help="a folder with a config.json (random weights)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
     ap.add_argument("extra", nargs="*", help="after --: more train.py options (e.g. --depth 16)")
     args = ap.parse_args(argv)
+    if args.profile:
+        return [profile(args.model, dtype) for dtype in args.dtypes.split(",")]
+    if not args.against:
+        ap.error("give --against REV (or --profile)")
     common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", "4", "--rank", "8",
               "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
     with tempfile.TemporaryDirectory() as tmp:
