@@ -216,6 +216,15 @@ def evaluate(loss_fn, tokens, args, stream, rank, world, device):
 # Cost: FLOPs per token for MFU, peak memory
 
 
+def weight_counts(model):
+    """Weights of layer R's matrices, of the LoRA bases it applies (none for the loop alone), and of
+    the coda adapters."""
+    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
+    lora = sum(b.numel() for b in model.layer.buffers()) if model.controller is not None else 0
+    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
+    return layer, lora, adapters
+
+
 def flops_per_token(model, depth, T):
     """Model FLOPs per trained token, for MFU. As in PaLM, recomputation is not counted:
     --checkpointing costs time but no model FLOPs. A matmul with N weights costs 2N per token
@@ -235,11 +244,9 @@ def flops_per_token(model, depth, T):
         return 6 * (matrices + cfg.tie_word_embeddings * cfg.vocab_size * cfg.hidden_size) + \
             3 * attn * cfg.num_hidden_layers
     P, C = len(model.prelude), len(model.coda)
-    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
-    lora = sum(b.numel() for b in model.layer.buffers())
+    layer, lora, adapters = weight_counts(model)
     train = sum(m.weight.numel() for m in model.modules()
                 if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
-    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
     return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
             + C * (4 * layer + 3 * attn) + 6 * adapters + 4 * cfg.hidden_size * cfg.vocab_size)
 
@@ -250,15 +257,13 @@ def forward_flops(model, steps, depth):
     that a halted token skips still costs its K and V (with their LoRA) and the Controller: what
     later tokens attend to. The batched training and evaluation passes compute every step (masked);
     this is what a token costs when decoding."""
-    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
-    lora = sum(b.numel() for b in model.layer.buffers()) if model.controller is not None else 0  # "none": unused
+    layer, lora, adapters = weight_counts(model)
     attn = model.layer.self_attn
     kv = sum(m.weight.numel() + bool(lora) * (m.lora_A.numel() + m.lora_B.numel()) for m in (attn.k_proj, attn.v_proj))
     linears = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
     # The Controller runs per token with the causal pool; the mean pool runs it once per sequence.
     ctrl = linears(model.controller) if model.controller is not None and model.pool == "causal" else 0
     trained = ctrl + sum(linears(m) for m in (model.gate, model.halt) if m is not None)
-    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
     return 2 * ((len(model.prelude) + len(model.coda)) * layer + adapters + model.cfg.hidden_size * model.cfg.vocab_size
                 + steps * (layer + lora + trained) + (depth - steps) * (kv + ctrl))
 
@@ -304,7 +309,7 @@ def saved_run(args, run):
                              "--steps to go further), or give another --out, or --overwrite to start afresh")
         return None
     state = ob.read_json(file, "no checkpoint to resume: run without --resume")
-    saved = {**vars(parse_args([])), **state["options"]}  # an option added since the save had its default
+    saved = saved_options(state)
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
     if diff:
         raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
@@ -312,6 +317,11 @@ def saved_run(args, run):
         raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
                          "give a larger --steps to continue it")
     return state
+
+
+def saved_options(state):
+    """The options of a saved run (state.json); an option added since the save had its default."""
+    return {**vars(parse_args([])), **state["options"]}
 
 
 def restore(out, model, opt, state):

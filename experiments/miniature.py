@@ -216,7 +216,7 @@ def collect(work, budget):
             records.append({**rec, "diverged": (out / "diverged.txt").read_text()})
             continue
         res = json.loads((out / "results.json").read_text())
-        options = {**vars(train.parse_args([])), **json.loads((out / "state.json").read_text())["options"]}
+        options = train.saved_options(json.loads((out / "state.json").read_text()))
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
         depth = res.get("mean depth", {}).get("held-out", res["run"]["depth"])  # with halting: fewer steps
         for name, key in (("ours", row), ("ours, prefix-pooled", row + ", prefix-pooled (as it generates)")):
