@@ -36,6 +36,7 @@ model (gate, per-step norms, the loop) → generation.
 import argparse
 import inspect
 import json
+import math
 import os
 import sys
 import time
@@ -244,40 +245,69 @@ class Block(nn.Module):
 class LinearCrossEntropy(torch.autograd.Function):
     """logits = x Wᵀ, and their mean cross-entropy (in float32) over targets != -100.
 
-    F.cross_entropy on float32 logits keeps tokens × vocab float32 log-probabilities for the
-    backward pass (2.5 GB for Qwen2.5-3B at 2 × 2048 tokens) and makes as large a gradient.
-    Here backward reads the logits in their own dtype (bf16 on CUDA: half the memory) and
-    turns them into the gradient a chunk of tokens at a time. No extra FLOPs. The returned
-    logits carry no gradient; the loss does."""
+    The vocabulary is walked a block of columns at a time, with an online softmax (as flash
+    attention walks its keys): each block of logits is copied to the returned tensor, folded into
+    a running max m and sum s of exp(logit - m) per token, and, while it is still in cache,
+    multiplied back by its rows of W into Σ exp(logit - m) W. At the end that sum, over s, is
+    softmax · W, so the gradient d loss / dx = (softmax · W − W[target]) / n is ready when the
+    forward pass ends: no (tokens × vocab) float32 tensor ever exists, nothing vocabulary-sized is
+    kept for backward, and backward only scales it by the incoming gradient. The same two matmuls
+    as logits-then-gradient. When W trains (pretraining), backward walks the blocks of the kept
+    logits once more for d loss / dW. Call it through linear_cross_entropy."""
 
     @staticmethod
-    def forward(ctx, x, w, targets, chunk=1024):
+    def forward(ctx, x, w, targets, grad_enabled, block):
         x2, t = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
-        logits = x2 @ w.T  # (N, vocab), in the activations' dtype
-        lse = torch.cat([part.float().logsumexp(-1) for part in logits.split(chunk)])  # (N,)
+        grad_x = grad_enabled and ctx.needs_input_grad[0]
+        logits = x2.new_empty(len(x2), len(w))  # (N, vocab), in the activations' dtype
+        m = torch.full((len(x2),), -math.inf, device=x.device)  # running max of each row, float32
+        s = torch.zeros(len(x2), device=x.device)  # running Σ exp(logit - m)
+        sw = torch.zeros(x2.shape, device=x.device) if grad_x else None  # running Σ exp(logit - m) W
+        for j in range(0, len(w), block):
+            wb = w[j:j + block]  # (block, d)
+            part = logits[:, j:j + block]
+            part.copy_(x2 @ wb.T)
+            m_new = torch.maximum(m, part.amax(1).float())
+            rescale = (m - m_new).exp_()  # what the sums so far are worth under the new max
+            e = torch.sub(part, m_new[:, None]).exp_()  # (N, block), float32
+            s = s.mul_(rescale).add_(e.sum(1))
+            if grad_x:
+                sw = sw.mul_(rescale[:, None]).add_(e.to(x2.dtype) @ wb)
+            m = m_new
+        lse = m + s.log()
         picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0].float()  # logit of the target
         weight = (t != -100).float() / (t != -100).sum()  # 1/n for each counted target, else 0
-        ctx.save_for_backward(x2, w, logits, t, lse, weight)
-        ctx.chunk, ctx.x_shape = chunk, x.shape
+        if grad_x:  # (softmax · W - W[target]) / n, rows whose target is -100 zeroed
+            sw = ((sw / s[:, None] - w[t.clamp(min=0)].float()) * weight[:, None]).to(x2.dtype)
+        if grad_enabled and ctx.needs_input_grad[1]:
+            ctx.save_for_backward(sw, x2, logits, t, lse, weight)
+        else:
+            ctx.save_for_backward(sw)
+        ctx.block, ctx.x_shape = block, x.shape
         ctx.mark_non_differentiable(logits)
+        ctx.set_materialize_grads(False)  # no zero (N, vocab) gradient for the logits
         return logits.view(*x.shape[:-1], -1), ((lse - picked) * weight).sum()
 
     @staticmethod
     def backward(ctx, _, grad_loss):
-        x2, w, logits, t, lse, weight = ctx.saved_tensors
-        grad_x, grad_w = torch.empty_like(x2), torch.zeros_like(w) if ctx.needs_input_grad[1] else None
-        # One float32 (chunk, vocab) buffer for every chunk: the returned logits are never written
-        # (float32 ones would be), and no chunk-sized tensor is allocated per chunk.
-        buf = logits.new_empty(min(ctx.chunk, len(x2)), logits.size(1), dtype=torch.float32)
-        for i in range(0, len(x2), ctx.chunk):  # d loss / d logits = (softmax - onehot(t)) · weight
-            rows = slice(i, i + ctx.chunk)
-            g = torch.sub(logits[rows], lse[rows, None], out=buf[:len(x2[rows])]).exp_()  # softmax, float32
-            g[torch.arange(len(g)), t[rows].clamp(min=0)] -= 1
-            g = g.mul_(weight[rows, None] * grad_loss).to(x2.dtype)
-            grad_x[rows] = g @ w
-            if grad_w is not None:
-                grad_w += g.T @ x2[rows]
-        return grad_x.view(ctx.x_shape), grad_w, None, None
+        sw, *kept = ctx.saved_tensors
+        grad_x = (sw * grad_loss).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # d loss / dW = (softmax - onehot(t))ᵀ x / n, a block of rows at a time
+            x2, logits, t, lse, weight = kept
+            grad_w = torch.empty(logits.size(1), x2.size(1), dtype=x2.dtype, device=x2.device)
+            for j in range(0, logits.size(1), ctx.block):
+                g = torch.sub(logits[:, j:j + ctx.block], lse[:, None]).exp_()  # softmax, float32
+                hit = (t >= j) & (t < j + g.size(1))
+                g[hit, t[hit] - j] -= 1
+                grad_w[j:j + ctx.block] = g.mul_(weight[:, None] * grad_loss).to(x2.dtype).T @ x2
+        return grad_x, grad_w, None, None, None
+
+
+def linear_cross_entropy(x, w, targets, block=4096):
+    """(logits, loss) of x (..., d) against W (vocab, d): see LinearCrossEntropy. The gradient
+    of x is made in the forward pass only where autograd will ask for it."""
+    return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block)
 
 
 class Qwen2(nn.Module):
@@ -339,7 +369,7 @@ class Qwen2(nn.Module):
             return F.linear(self.model.norm(h), w), None
         if targets.shape != h.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-        return LinearCrossEntropy.apply(self.model.norm(h), w, targets)
+        return linear_cross_entropy(self.model.norm(h), w, targets)
 
     def forward(self, idx, targets=None, caches=None):
         """With caches (generation), only the last position's logits are computed."""

@@ -159,40 +159,46 @@ def test_loss_ignores_targets_of_minus_100(tiny):
     torch.testing.assert_close(loss, kept)
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1024])
-def test_fused_loss_equals_cross_entropy_in_value_and_gradients(chunk):
+@pytest.mark.parametrize("block", [1, 7, 1024])  # vocabulary blocks: one column, 8 uneven ones, all
+def test_fused_loss_equals_cross_entropy_in_value_and_gradients(block):
     x = torch.randn(3, 11, 16, requires_grad=True)
     w = torch.randn(50, 16, requires_grad=True)
     targets = torch.randint(0, 50, (3, 11))
     targets[0, :4] = -100
-    logits, loss = ob.LinearCrossEntropy.apply(x, w, targets, chunk)
+    logits, loss = ob.linear_cross_entropy(x, w, targets, block)
     expected = F.cross_entropy((x @ w.T).flatten(0, 1), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(logits, (x @ w.T).detach())
     torch.testing.assert_close(loss, expected)
-    grads = torch.autograd.grad(loss * 3, (x, w))
-    for got, want in zip(grads, torch.autograd.grad(expected * 3, (x, w))):
-        torch.testing.assert_close(got, want)
+    want = torch.autograd.grad(expected * 3, (x, w))
+    for got, wanted in zip(torch.autograd.grad(loss * 3, (x, w)), want):
+        torch.testing.assert_close(got, wanted)
+    # W frozen (as in Ouroboros): only x's gradient, made in the forward pass
+    got = torch.autograd.grad(ob.linear_cross_entropy(x, w.detach(), targets, block)[1] * 3, x)[0]
+    torch.testing.assert_close(got, want[0])
 
 
 def test_loss_backward_leaves_the_returned_logits_alone():
-    """In float32, logits[rows].float() is the logits themselves: an in-place softmax in
+    """In float32, a block of the logits .float() is that block itself: an in-place softmax in
     backward would overwrite what the forward returned."""
     x, w = torch.randn(2, 5, 8, requires_grad=True), torch.randn(20, 8, requires_grad=True)
-    logits, loss = ob.LinearCrossEntropy.apply(x, w, torch.randint(0, 20, (2, 5)))
+    logits, loss = ob.linear_cross_entropy(x, w, torch.randint(0, 20, (2, 5)), block=7)
     before = logits.clone()
     loss.backward()
     assert torch.equal(logits, before)
 
 
-def test_loss_keeps_no_float32_vocabulary_sized_tensor_for_backward(tiny):
+def test_loss_keeps_nothing_vocabulary_sized_for_backward(tiny):
     """F.cross_entropy on float32 logits would keep (tokens × vocab) float32 log-probabilities,
-    2.5 GB for Qwen2.5-3B at 2 × 2048 tokens; the loss keeps the bf16 logits (1.2 GB) instead."""
+    2.5 GB for Qwen2.5-3B at 2 × 2048 tokens. With the embedding frozen, the loss keeps only
+    the gradient of its input, (tokens × d), made in the forward pass."""
     model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu", dtype=torch.bfloat16))
     idx, saved = ids(), []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-        model(idx, depth=2, targets=idx.roll(-1, 1))
-    vocabulary_sized = [t for t in saved if TINY.vocab_size in t.shape and t.shape[-1] != TINY.hidden_size]
-    assert vocabulary_sized and {t.dtype for t in vocabulary_sized} == {torch.bfloat16}
+        logits, loss = model(idx, depth=2, targets=idx.roll(-1, 1))
+    assert saved and not [t for t in saved if TINY.vocab_size in t.shape and t.shape[-1] != TINY.hidden_size]
+    assert logits.shape == (*idx.shape, TINY.vocab_size)
+    with torch.no_grad():  # no gradient is made where none is asked for; the loss is the same
+        assert torch.equal(model(idx, depth=2, targets=idx.roll(-1, 1))[1], loss.detach())
 
 
 def test_qwen25_3b_has_3_09b_parameters():
