@@ -263,16 +263,18 @@ class LinearCrossEntropy(torch.autograd.Function):
         m = torch.full((len(x2),), -math.inf, device=x.device)  # running max of each row, float32
         s = torch.zeros(len(x2), device=x.device)  # running Σ exp(logit - m)
         sw = torch.zeros(x2.shape, device=x.device) if grad_x else None  # running Σ exp(logit - m) W
+        # exp(logit - m) of one block, in float32 and (for the matmul) in x's dtype: allocated once
+        e32 = torch.empty(len(x2), min(block, len(w)), device=x.device)
+        e16 = None if x2.dtype == torch.float32 else torch.empty_like(e32, dtype=x2.dtype)
         for j in range(0, len(w), block):
-            wb = w[j:j + block]  # (block, d)
-            part = logits[:, j:j + block]
-            part.copy_(x2 @ wb.T)
+            wb = w[j:j + block]  # (n, d), n = block but at the end
+            part = torch.mm(x2, wb.T, out=logits[:, j:j + block])  # (N, n)
             m_new = torch.maximum(m, part.amax(1).float())
             rescale = (m - m_new).exp_()  # what the sums so far are worth under the new max
-            e = torch.sub(part, m_new[:, None]).exp_()  # (N, block), float32
+            e = torch.sub(part, m_new[:, None], out=e32[:, :len(wb)]).exp_()
             s = s.mul_(rescale).add_(e.sum(1))
             if grad_x:
-                sw = sw.mul_(rescale[:, None]).add_(e.to(x2.dtype) @ wb)
+                sw = sw.mul_(rescale[:, None]).add_((e if e16 is None else e16[:, :len(wb)].copy_(e)) @ wb)
             m = m_new
         lse = m + s.log()
         picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0].float()  # logit of the target
@@ -306,7 +308,12 @@ class LinearCrossEntropy(torch.autograd.Function):
 
 def linear_cross_entropy(x, w, targets, block=4096):
     """(logits, loss) of x (..., d) against W (vocab, d): see LinearCrossEntropy. The gradient
-    of x is made in the forward pass only where autograd will ask for it."""
+    of x is made in the forward pass only where autograd will ask for it. Under autocast, x and W
+    are cast here, as autocast would cast them for x Wᵀ (the blocks' matmuls write in place,
+    which autocast leaves alone)."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
     return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block)
 
 

@@ -177,6 +177,18 @@ def test_fused_loss_equals_cross_entropy_in_value_and_gradients(block):
     torch.testing.assert_close(got, want[0])
 
 
+def test_fused_loss_under_autocast_computes_in_bf16_with_float32_gradients():
+    """As autocast treats x Wᵀ (the pretraining of the demo base autocasts on CUDA)."""
+    x, w = torch.randn(2, 5, 16, requires_grad=True), torch.randn(50, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (2, 5))
+    with torch.autocast("cpu", torch.bfloat16):
+        logits, loss = ob.linear_cross_entropy(x, w, targets, block=7)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    torch.testing.assert_close(loss, F.cross_entropy(logits.float().flatten(0, 1), targets.flatten()))
+    loss.backward()
+    assert x.grad.dtype == w.grad.dtype == torch.float32
+
+
 def test_loss_backward_leaves_the_returned_logits_alone():
     """In float32, a block of the logits .float() is that block itself: an in-place softmax in
     backward would overwrite what the forward returned."""
@@ -1101,8 +1113,9 @@ def test_trainables_are_float32_master_weights(tmp_path, demo):
                                 "--lr", "1e-4"))
     assert model.base.model.norm.weight.dtype == torch.bfloat16
     assert all(p.dtype == torch.float32 for p in model.trainable_parameters())
-    moved = model.gate.bias.detach() + 2
-    assert (moved.abs() > 1e-5).all() and (moved.abs() < 2e-4).all()
+    moved = (model.gate.bias.detach() + 2).abs()
+    # Nearly all move (a gradient summed in bf16 may round a rare small entry to 0), none by more than lr
+    assert (moved > 1e-5).float().mean() > 0.9 and (moved < 2e-4).all()
     assert (model.gate.bias.to(torch.bfloat16) == -2).all()
 
 
