@@ -246,49 +246,54 @@ class LinearCrossEntropy(torch.autograd.Function):
     """logits = x Wᵀ, and their mean cross-entropy (in float32) over targets != -100.
 
     The vocabulary is walked a block of columns at a time, with an online softmax (as flash
-    attention walks its keys): each block of logits is copied to the returned tensor, folded into
-    a running max m and sum s of exp(logit - m) per token, and, while it is still in cache,
-    multiplied back by its rows of W into Σ exp(logit - m) W. At the end that sum, over s, is
-    softmax · W, so the gradient d loss / dx = (softmax · W − W[target]) / n is ready when the
-    forward pass ends: no (tokens × vocab) float32 tensor ever exists, nothing vocabulary-sized is
-    kept for backward, and backward only scales it by the incoming gradient. The same two matmuls
-    as logits-then-gradient. When W trains (pretraining), backward walks the blocks of the kept
-    logits once more for d loss / dW. Call it through linear_cross_entropy."""
+    attention walks its keys). Each block of logits is copied to the returned tensor (if one is
+    asked for), gives up the logits of the targets it holds, is folded into a running max m and
+    sum s of exp(logit - m) per token, and, while still in cache, is multiplied back by its rows
+    of W into Σ exp(logit - m) W. At the end that sum over s is softmax · W, so the gradient
+    d loss / dx = (softmax · W − W[target]) / n is ready when the forward pass ends: no
+    (tokens × vocab) float32 tensor ever exists, nothing vocabulary-sized is kept for backward,
+    and backward only scales it by the incoming gradient. The same two matmuls as
+    logits-then-gradient. When W trains (pretraining), the logits are kept and backward walks
+    their blocks once more for d loss / dW. Call it through linear_cross_entropy."""
 
     @staticmethod
-    def forward(ctx, x, w, targets, grad_enabled, block):
+    def forward(ctx, x, w, targets, grad_enabled, block, return_logits):
         x2, t = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
-        grad_x = grad_enabled and ctx.needs_input_grad[0]
-        logits = x2.new_empty(len(x2), len(w))  # (N, vocab), in the activations' dtype
-        m = torch.full((len(x2),), -math.inf, device=x.device)  # running max of each row, float32
-        s = torch.zeros(len(x2), device=x.device)  # running Σ exp(logit - m)
-        sw = torch.zeros(x2.shape, device=x.device) if grad_x else None  # running Σ exp(logit - m) W
+        (N, d), V, device = x2.shape, len(w), x.device
+        grad_x, grad_w = (grad_enabled and needs for needs in ctx.needs_input_grad[:2])
+        logits = x2.new_empty(N, V) if return_logits or grad_w else None  # in the activations' dtype
+        m = torch.full((N,), -math.inf, device=device)  # running max of each row, float32
+        s = torch.zeros(N, device=device)  # running Σ exp(logit - m)
+        sw = torch.zeros(N, d, device=device) if grad_x else None  # running Σ exp(logit - m) W
+        picked = torch.zeros(N, device=device)  # the logit of each target
         # exp(logit - m) of one block, in float32 and (for the matmul) in x's dtype: allocated once
-        e32 = torch.empty(len(x2), min(block, len(w)), device=x.device)
+        e32 = torch.empty(N, min(block, V), device=device)
         e16 = None if x2.dtype == torch.float32 else torch.empty_like(e32, dtype=x2.dtype)
-        for j in range(0, len(w), block):
+        for j in range(0, V, block):
             wb = w[j:j + block]  # (n, d), n = block but at the end
-            part = torch.mm(x2, wb.T, out=logits[:, j:j + block])  # (N, n)
+            part = x2 @ wb.T  # (N, n)
+            if logits is not None:
+                logits[:, j:j + block] = part
+            here = (t >= j) & (t < j + len(wb))  # the targets in this block
+            picked = torch.where(here, part.gather(1, (t - j).clamp(0, len(wb) - 1)[:, None])[:, 0].float(), picked)
             m_new = torch.maximum(m, part.amax(1).float())
             rescale = (m - m_new).exp_()  # what the sums so far are worth under the new max
-            e = torch.sub(part, m_new[:, None], out=e32[:, :len(wb)]).exp_()
+            e = e32[:, :len(wb)].copy_(part).sub_(m_new[:, None]).exp_()
             s = s.mul_(rescale).add_(e.sum(1))
             if grad_x:
                 sw = sw.mul_(rescale[:, None]).add_((e if e16 is None else e16[:, :len(wb)].copy_(e)) @ wb)
             m = m_new
         lse = m + s.log()
-        picked = logits.gather(1, t.clamp(min=0)[:, None])[:, 0].float()  # logit of the target
         weight = (t != -100).float() / (t != -100).sum()  # 1/n for each counted target, else 0
         if grad_x:  # (softmax · W - W[target]) / n, rows whose target is -100 zeroed
             sw = ((sw / s[:, None] - w[t.clamp(min=0)].float()) * weight[:, None]).to(x2.dtype)
-        if grad_enabled and ctx.needs_input_grad[1]:
-            ctx.save_for_backward(sw, x2, logits, t, lse, weight)
-        else:
-            ctx.save_for_backward(sw)
+        ctx.save_for_backward(sw, *((x2, logits, t, lse, weight) if grad_w else ()))
         ctx.block, ctx.x_shape = block, x.shape
-        ctx.mark_non_differentiable(logits)
         ctx.set_materialize_grads(False)  # no zero (N, vocab) gradient for the logits
-        return logits.view(*x.shape[:-1], -1), ((lse - picked) * weight).sum()
+        if logits is not None:
+            ctx.mark_non_differentiable(logits)
+        loss = ((lse - picked) * weight).sum()
+        return (logits.view(*x.shape[:-1], V) if return_logits else None), loss
 
     @staticmethod
     def backward(ctx, _, grad_loss):
@@ -300,21 +305,21 @@ class LinearCrossEntropy(torch.autograd.Function):
             grad_w = torch.empty(logits.size(1), x2.size(1), dtype=x2.dtype, device=x2.device)
             for j in range(0, logits.size(1), ctx.block):
                 g = torch.sub(logits[:, j:j + ctx.block], lse[:, None]).exp_()  # softmax, float32
-                hit = (t >= j) & (t < j + g.size(1))
-                g[hit, t[hit] - j] -= 1
+                here = (t >= j) & (t < j + g.size(1))
+                g[here, t[here] - j] -= 1
                 grad_w[j:j + ctx.block] = g.mul_(weight[:, None] * grad_loss).to(x2.dtype).T @ x2
-        return grad_x, grad_w, None, None, None
+        return grad_x, grad_w, None, None, None, None
 
 
-def linear_cross_entropy(x, w, targets, block=4096):
-    """(logits, loss) of x (..., d) against W (vocab, d): see LinearCrossEntropy. The gradient
-    of x is made in the forward pass only where autograd will ask for it. Under autocast, x and W
-    are cast here, as autocast would cast them for x Wᵀ (the blocks' matmuls write in place,
-    which autocast leaves alone)."""
+def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
+    """(logits, loss) of x (..., d) against W (vocab, d), see LinearCrossEntropy; logits are None
+    with return_logits=False (training needs only the loss: no (tokens × vocab) tensor at all).
+    The gradient of x is made in the forward pass only where autograd will ask for it. Under
+    autocast, x and W are cast here, as autocast casts them for x Wᵀ."""
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
-    return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block)
+    return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
 
 
 class Qwen2(nn.Module):
@@ -369,22 +374,23 @@ class Qwen2(nn.Module):
         start = caches[0].len if caches else 0
         return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
 
-    def head(self, h, targets=None):
-        """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100."""
+    def head(self, h, targets=None, return_logits=True):
+        """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100.
+        With targets and return_logits=False, the logits are None (training needs only the loss)."""
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         if targets is None:
             return F.linear(self.model.norm(h), w), None
         if targets.shape != h.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-        return linear_cross_entropy(self.model.norm(h), w, targets)
+        return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
-    def forward(self, idx, targets=None, caches=None):
+    def forward(self, idx, targets=None, caches=None, return_logits=True):
         """With caches (generation), only the last position's logits are computed."""
         h, cos_sin = self.embed(idx, caches)
         kv = iter(caches) if caches else repeat(None)  # one cache per attention call, in order
         for layer in self.model.layers.values():
             h = layer(h, cos_sin, next(kv))
-        return self.head(h[:, -1:] if caches else h, targets)
+        return self.head(h[:, -1:] if caches else h, targets, return_logits)
 
 # ----------------------------------------------------------------------------------------
 # Loading: safetensors straight to the device, one tensor at a time
@@ -714,7 +720,7 @@ class Ouroboros(nn.Module):
         x = self.layer.input_layernorm(h)
         self.layer.self_attn.keys_values(x, cos_sin, cache, self.modulation(h, s, cache))
 
-    def forward(self, idx, depth=4, targets=None, caches=None):
+    def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
         """Logits and loss after `depth` loop steps; with halting, `depth` is the most steps a
         position may take, and self.last_halting tells how many each took."""
         if not 1 <= depth <= self.options["max_steps"]:
@@ -745,11 +751,11 @@ class Ouroboros(nn.Module):
             for i in self.coda:
                 adapter = self.adapters[str(i)] if self.adapters is not None else None
                 h = layers[str(i)](h, cos_sin, next(kv), adapter=adapter)
-            return self.base.head(h[:, -1:] if caches else h, targets)
+            return self.base.head(h[:, -1:] if caches else h, targets, return_logits)
 
-    def baseline(self, idx, targets=None):
+    def baseline(self, idx, targets=None, return_logits=True):
         """The pruned model with no loop: prelude, layer R once, coda ("17-layer baseline")."""
-        return self.base(idx, targets)
+        return self.base(idx, targets, return_logits=return_logits)
 
     def named_trainable(self):
         return [(n, p) for n, p in self.named_parameters() if not n.startswith("base.")]

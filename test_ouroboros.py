@@ -211,6 +211,12 @@ def test_loss_keeps_nothing_vocabulary_sized_for_backward(tiny):
     assert logits.shape == (*idx.shape, TINY.vocab_size)
     with torch.no_grad():  # no gradient is made where none is asked for; the loss is the same
         assert torch.equal(model(idx, depth=2, targets=idx.roll(-1, 1))[1], loss.detach())
+    # Training asks for the loss alone: no logits at all, the same loss and gradients
+    grads = torch.autograd.grad(loss, model.trainable_parameters())
+    none, alone = model(idx, depth=2, targets=idx.roll(-1, 1), return_logits=False)
+    assert none is None and torch.equal(alone, loss)
+    for got, want in zip(torch.autograd.grad(alone, model.trainable_parameters()), grads):
+        assert torch.equal(got, want)
 
 
 def test_qwen25_3b_has_3_09b_parameters():
@@ -1351,8 +1357,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, demo, monke
     are still those saved at update 2, byte for byte."""
     forward, save, calls, saved = ob.Ouroboros.forward, train.save, [], []
 
-    def nan_from_call_4(self, idx, depth=4, targets=None, caches=None):
-        logits, loss = forward(self, idx, depth, targets, caches)
+    def nan_from_call_4(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
         calls.append(1)
         return logits, loss * float("nan") if len(calls) >= 4 else loss
 

@@ -438,7 +438,8 @@ def train(args):
 
     def loss_of(x, depth, y):  # Ouroboros autocasts inside; a pretrained Qwen2 computes in bf16 on CUDA
         with autocast:
-            return (forward(x, y) if args.pretrain else forward(x, depth, y))[1]
+            return (forward(x, y, return_logits=False) if args.pretrain else
+                    forward(x, depth, y, return_logits=False))[1]
 
     def losses(loss_fn):  # every loss in the final table, under evaluate's one protocol
         return {"train": evaluate(loss_fn, splits["train"], args, TRAIN_EVAL, rank, world, device),
@@ -450,10 +451,10 @@ def train(args):
 
     ref = {}
     if not (args.benchmark or args.pretrain):
-        ref["baseline"] = losses(lambda x, y: model.baseline(x, y)[1])
+        ref["baseline"] = losses(lambda x, y: model.baseline(x, y, return_logits=False)[1])
         if args.eval_full:
             full = ob.Qwen2.from_pretrained(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype))
-            ref["full"] = losses(lambda x, y: full(x, y)[1])
+            ref["full"] = losses(lambda x, y: full(x, y, return_logits=False)[1])
             del full
         log(" | ".join(f"{k}: train {v['train']:.4f} held-out {v['held-out']:.4f}" for k, v in ref.items()))
 
