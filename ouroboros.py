@@ -216,6 +216,21 @@ class Attention(nn.Module):
         return cache.update(k, v) if cache is not None else (k, v)
 
 
+class SwiGLU(torch.autograd.Function):
+    """silu(a) · b, keeping only a and b for backward (autograd would keep silu(a) as well: a
+    third tokens × intermediate tensor per layer call). Backward recomputes silu(a)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)  # silu' as autograd has it
+
+
 class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
@@ -224,7 +239,7 @@ class MLP(nn.Module):
         self.down_proj = Linear(i, d, bias=False, slot=6)
 
     def forward(self, x, c=None, adapter=None):
-        return self.down_proj(F.silu(self.gate_proj(x, c, adapter)) * self.up_proj(x, c, adapter), c, adapter)
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x, c, adapter), self.up_proj(x, c, adapter)), c, adapter)
 
 
 class Block(nn.Module):

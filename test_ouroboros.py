@@ -189,6 +189,19 @@ def test_fused_loss_under_autocast_computes_in_bf16_with_float32_gradients():
     assert x.grad.dtype == w.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_keeps_two_tensors_and_gives_autograds_values_and_gradients(dtype):
+    a, b = (torch.randn(2, 5, 40, dtype=dtype, requires_grad=True) for _ in range(2))
+    grad = torch.randn(2, 5, 40, dtype=dtype)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = ob.SwiGLU.apply(a, b)
+    assert len(saved) == 2  # a and b; F.silu(a) * b keeps silu(a) too
+    assert torch.equal(y, F.silu(a) * b)
+    for got, want in zip(torch.autograd.grad(y, (a, b), grad), torch.autograd.grad(F.silu(a) * b, (a, b), grad)):
+        assert torch.equal(got, want)
+
+
 def test_loss_backward_leaves_the_returned_logits_alone():
     """In float32, a block of the logits .float() is that block itself: an in-place softmax in
     backward would overwrite what the forward returned."""
