@@ -484,8 +484,8 @@ def random_weights(cfg, device, std=0.02):
     shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
 
     def read(name):
-        t = torch.randn(shapes[name], device=device) * std
-        return t + 1 if name.endswith("norm.weight") else t
+        t = torch.randn(shapes[name], device=device).mul_(std)
+        return t.add_(1) if name.endswith("norm.weight") else t
     return read
 
 

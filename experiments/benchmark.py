@@ -4,6 +4,7 @@ Side by side: this checkout's training step against another git revision's, on o
     python experiments/benchmark.py --against a0d422f                   # Qwen2.5-0.5B shape, CPU, bf16 and float32
     python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 -- --depth 16
     python experiments/benchmark.py --profile                          # where this checkout's step goes
+    python experiments/benchmark.py --profile --against a0d422f        # ... and the other's, one after the other
 
 Each round runs `train.py --benchmark` once in each checkout, alternating A B A B, so that a
 noisy machine (other jobs, turbo, thermals) weighs on both alike; one timing alone means little
@@ -12,12 +13,16 @@ For every run it reads what train.py prints (the median tok/s of the updates aft
 and the peak resident memory *during training*: the largest RSS of the process, sampled every
 few milliseconds from /proc, once the model is loaded (after train.py's "trainable |" line).
 It prints the median over rounds of each, and the ratio this / other. Linux only (/proc).
+RSS also holds the frozen weights, the runtime and what the allocator has not handed back.
 
---profile instead runs torch.profiler over one training step of this checkout (after one step of
-warm-up) and splits its CPU time by kind of op (self time, so nothing is counted twice), and counts
-the bytes autograd saves for the backward pass (each storage once).
+--profile instead takes one training step (after one of warm-up) as train.py takes it, and
+reports three things: its CPU time by kind of op, from torch.profiler (self time, so nothing is
+counted twice); the bytes autograd keeps for the backward pass; and the peak of the tensors alive
+during the step, counted op by op (a TorchDispatchMode), so the step's own memory without the
+weights, the runtime or the allocator. The last two leave out the weights and optimizer state.
 """
 import argparse
+import contextlib
 import re
 import statistics
 import subprocess
@@ -73,75 +78,128 @@ KINDS = {  # op name fragments -> kind; the first match wins
 }
 
 
-def profile(model_dir, dtype, seq_len=256, depth=4):
-    """CPU time of one training step by kind of op, and the bytes saved for backward."""
+def profile(root, model_dir, dtype, seq_len=256, depth=4):
+    """CPU time of one training step of the checkout at `root`, by kind of op; the bytes autograd
+    saves for backward; the peak of the tensors alive during the step (weights and the
+    optimizer's state left out, as they exist before it). The step is the one train.py takes:
+    the loss alone where the checkout can skip the logits."""
+    import inspect
+    import weakref
     import torch
-    sys.path.insert(0, str(HERE))
+    from torch.utils._python_dispatch import TorchDispatchMode
+    sys.path.insert(0, str(root))
     import ouroboros as ob
     torch.manual_seed(0)
     cfg = ob.Qwen2Config.from_pretrained(HERE / model_dir)
     model = ob.Ouroboros.from_config(cfg, "cpu", getattr(torch, dtype), rank=8)
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     x, y = torch.randint(0, cfg.vocab_size, (2, 1, seq_len))
-    model(x, depth, y)[1].backward()  # warm-up
+    loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+
+    def step():
+        model(x, depth, y, **loss_only)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    step()  # warm-up; the optimizer's state now exists
+    before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
+              *(v for st in opt.state.values() for v in st.values())] if torch.is_tensor(t)}
     saved = {}
 
     def pack(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        if t.untyped_storage().data_ptr() not in before:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
+    class Live(TorchDispatchMode):  # every new storage an op makes, counted until it is freed
+        now = peak = 0
+        sizes = {}
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in (out if isinstance(out, (tuple, list)) else [out]):
+                key = t.untyped_storage().data_ptr() if torch.is_tensor(t) else 0
+                if key and key not in before and key not in self.sizes:
+                    self.sizes[key] = t.untyped_storage().nbytes()
+                    Live.now += self.sizes[key]
+                    Live.peak = max(Live.peak, Live.now)
+                    weakref.finalize(t.untyped_storage(), self.free, key)
+            return out
+
+        def free(self, key):
+            Live.now -= self.sizes.pop(key)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(x, depth, y)[1]
-    loss.backward()
+        model(x, depth, y, **loss_only)[1].backward()
+    opt.zero_grad(set_to_none=True)
+    with Live():
+        step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        model(x, depth, y)[1].backward()
+        step()
     by_kind, total = {}, 0
     for e in prof.key_averages():
         kind = next((k for k, frags in KINDS.items() if any(f in e.key for f in frags)), "element-wise and other")
         by_kind.setdefault(kind, []).append((e.self_cpu_time_total, e.key))
         total += e.self_cpu_time_total
-    print(f"one training step, {dtype} frozen weights, {model_dir}, 1 x {seq_len} tokens, depth {depth}, rank 8, "
-          f"{torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
+    rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True).stdout
+    print(f"{rev.strip() or root}: one training step, {dtype} frozen weights, {model_dir}, 1 x {seq_len} tokens, "
+          f"depth {depth}, rank 8, {torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
     for kind, ops in sorted(by_kind.items(), key=lambda kv: -sum(t for t, _ in kv[1])):
         t = sum(t for t, _ in ops)
         top = ", ".join(f"{k.replace('aten::', '')} {v / 1e3:.0f}" for v, k in sorted(ops, reverse=True)[:4])
         print(f"  {kind:<48} {t / 1e3:>7,.0f} ms  {100 * t / total:>4.0f}%   ({top})")
-    print(f"saved for backward: {sum(saved.values()) / 1e6:,.0f} MB in {len(saved)} storages")
+    print(f"  kept for backward: {sum(saved.values()) / 1e6:,.0f} MB in {len(saved)} tensors; peak of the "
+          f"tensors alive during the step: {Live.peak / 1e6:,.0f} MB (weights and optimizer state left out)")
+
+
+@contextlib.contextmanager
+def worktree(rev, tmp):
+    """The checkout of git revision `rev`, in a temporary folder, removed afterwards."""
+    other = Path(tmp) / "other"
+    made = subprocess.run(["git", "worktree", "add", "--detach", str(other), rev], cwd=HERE,
+                          capture_output=True, text=True)
+    if made.returncode:
+        sys.exit(f"error: --against {rev}: {made.stderr.strip().splitlines()[-1]}")
+    try:
+        yield other
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=HERE, capture_output=True)
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", help="the other git revision (a commit, tag or branch)")
-    ap.add_argument("--profile", action="store_true", help="profile one step of this checkout instead")
+    ap.add_argument("--profile", action="store_true", help="profile one step (of each checkout) instead")
+    ap.add_argument("--root", type=Path, default=HERE, help=argparse.SUPPRESS)  # --profile: whose step
     ap.add_argument("--model", default="configs/Qwen2.5-0.5B", help="a folder with a config.json (random weights)")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
-    ap.add_argument("extra", nargs="*", help="after --: more train.py options (e.g. --depth 16)")
+    ap.add_argument("--this", default="", help="train.py options for this checkout alone (e.g. --this=--compile)")
+    ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. --depth 16)")
     args = ap.parse_args(argv)
-    if args.profile:
-        return [profile(args.model, dtype) for dtype in args.dtypes.split(",")]
+    if args.profile and not args.against:
+        return [profile(args.root, args.model, dtype) for dtype in args.dtypes.split(",")]
     if not args.against:
         ap.error("give --against REV (or --profile)")
-    common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", "4", "--rank", "8",
-              "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
-    with tempfile.TemporaryDirectory() as tmp:
-        other = Path(tmp) / "other"
-        made = subprocess.run(["git", "worktree", "add", "--detach", str(other), args.against], cwd=HERE,
-                              capture_output=True, text=True)
-        if made.returncode:
-            sys.exit(f"error: --against {args.against}: {made.stderr.strip().splitlines()[-1]}")
-        try:
-            results = {}  # (dtype, side) -> [(tok/s, peak)]
-            for r in range(args.rounds):
-                for dtype in args.dtypes.split(","):
-                    for side, checkout in (("this", HERE), ("other", other)):  # A B A B
-                        out = Path(tmp) / f"out-{side}"
-                        results.setdefault((dtype, side), []).append(
-                            run(checkout, [*common, "--dtype", dtype, "--out", str(out)]))
-                        tok_s, peak = results[(dtype, side)][-1]
-                        print(f"round {r + 1}/{args.rounds} {dtype:>8} {side:>5}: {tok_s:,.0f} tok/s, "
-                              f"train peak {peak / 1e9:.2f} GB", flush=True)
-        finally:
-            subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=HERE, capture_output=True)
-    print(f"\nmedians over {args.rounds} rounds (this checkout vs {args.against}; {' '.join(common[1:])}):")
+    with tempfile.TemporaryDirectory() as tmp, worktree(args.against, tmp) as other:
+        if args.profile:  # each checkout in a process of its own, so each imports its own ouroboros
+            for root in (HERE, other):
+                subprocess.run([sys.executable, __file__, "--profile", "--root", str(root), "--model", args.model,
+                                "--dtypes", args.dtypes], check=True)
+            return
+        common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", "4", "--rank", "8",
+                  "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
+        results = {}  # (dtype, side) -> [(tok/s, peak)]
+        for r in range(args.rounds):
+            for dtype in args.dtypes.split(","):
+                for side, checkout in (("this", HERE), ("other", other)):  # A B A B
+                    out = Path(tmp) / f"out-{side}"
+                    results.setdefault((dtype, side), []).append(
+                        run(checkout, [*common, *(args.this.split() if side == "this" else []),
+                                       "--dtype", dtype, "--out", str(out)]))
+                    tok_s, peak = results[(dtype, side)][-1]
+                    print(f"round {r + 1}/{args.rounds} {dtype:>8} {side:>5}: {tok_s:,.0f} tok/s, "
+                          f"train peak {peak / 1e9:.2f} GB", flush=True)
+    print(f"\nmedians over {args.rounds} rounds (this checkout{' ' + args.this if args.this else ''} vs "
+          f"{args.against}; {' '.join(common[1:])}):")
     print(f"{'dtype':>9} | {'this tok/s':>10} | {'other tok/s':>11} | speed ratio | {'this peak':>9} | "
           f"{'other peak':>10} | memory ratio")
     for dtype in args.dtypes.split(","):
