@@ -2,7 +2,7 @@
 Side by side: this checkout's training step against another git revision's, on one machine.
 
     python experiments/benchmark.py --against a0d422f                   # Qwen2.5-0.5B shape, CPU, bf16 and float32
-    python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 -- --depth 16
+    python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 --depth 16
     python experiments/benchmark.py --profile                          # where this checkout's step goes
     python experiments/benchmark.py --profile --against a0d422f        # ... and the other's, one after the other
 
@@ -78,7 +78,7 @@ KINDS = {  # op name fragments -> kind; the first match wins
 }
 
 
-def profile(root, model_dir, dtype, seq_len=256, depth=4):
+def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
     """CPU time of one training step of the checkout at `root`, by kind of op; the bytes autograd
     saves for backward; the peak of the tensors alive during the step (weights and the
     optimizer's state left out, as they exist before it). The step is the one train.py takes:
@@ -92,6 +92,7 @@ def profile(root, model_dir, dtype, seq_len=256, depth=4):
     torch.manual_seed(0)
     cfg = ob.Qwen2Config.from_pretrained(HERE / model_dir)
     model = ob.Ouroboros.from_config(cfg, "cpu", getattr(torch, dtype), rank=8)
+    model.checkpointing = checkpointing
     opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
     x, y = torch.randint(0, cfg.vocab_size, (2, 1, seq_len))
     loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
@@ -141,7 +142,7 @@ def profile(root, model_dir, dtype, seq_len=256, depth=4):
         total += e.self_cpu_time_total
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True).stdout
     print(f"{rev.strip() or root}: one training step, {dtype} frozen weights, {model_dir}, 1 x {seq_len} tokens, "
-          f"depth {depth}, rank 8, {torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
+          f"depth {depth}{', checkpointing' * checkpointing}, rank 8, {torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
     for kind, ops in sorted(by_kind.items(), key=lambda kv: -sum(t for t, _ in kv[1])):
         t = sum(t for t, _ in ops)
         top = ", ".join(f"{k.replace('aten::', '')} {v / 1e3:.0f}" for v, k in sorted(ops, reverse=True)[:4])
@@ -171,21 +172,24 @@ def main(argv=None):
     ap.add_argument("--root", type=Path, default=HERE, help=argparse.SUPPRESS)  # --profile: whose step
     ap.add_argument("--model", default="configs/Qwen2.5-0.5B", help="a folder with a config.json (random weights)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--depth", type=int, default=4, help="loop steps")
+    ap.add_argument("--checkpointing", action="store_true", help="--profile: recompute each loop step in backward")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
     ap.add_argument("--this", default="", help="train.py options for this checkout alone (e.g. --this=--compile)")
-    ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. --depth 16)")
+    ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. -- --compile)")
     args = ap.parse_args(argv)
     if args.profile and not args.against:
-        return [profile(args.root, args.model, dtype) for dtype in args.dtypes.split(",")]
+        return [profile(args.root, args.model, dtype, args.depth, args.checkpointing) for dtype in args.dtypes.split(",")]
     if not args.against:
         ap.error("give --against REV (or --profile)")
     with tempfile.TemporaryDirectory() as tmp, worktree(args.against, tmp) as other:
         if args.profile:  # each checkout in a process of its own, so each imports its own ouroboros
             for root in (HERE, other):
                 subprocess.run([sys.executable, __file__, "--profile", "--root", str(root), "--model", args.model,
-                                "--dtypes", args.dtypes], check=True)
+                                "--dtypes", args.dtypes, "--depth", str(args.depth),
+                                *["--checkpointing"] * args.checkpointing], check=True)
             return
-        common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", "4", "--rank", "8",
+        common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", str(args.depth), "--rank", "8",
                   "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
         results = {}  # (dtype, side) -> [(tok/s, peak)]
         for r in range(args.rounds):
