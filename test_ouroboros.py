@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -1600,3 +1601,17 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     assert (tmp_path / "results" / "miniature.png").is_file() or "pip install matplotlib" in run.stdout
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert again.returncode == 0 and "[runs]" not in again.stdout and "[base]" not in again.stdout
+
+# ----------------------------------------------------------------------------------------
+# The side-by-side benchmark's profile (experiments/benchmark.py --profile)
+
+
+def test_benchmark_profile_counts_the_step_it_takes(tiny, capsys):
+    """One step of the tiny model, profiled. The tensors alive during the step include, at the end
+    of its forward pass, everything kept for backward, so their peak is at least that much."""
+    from experiments import benchmark
+    benchmark.profile(HERE, tiny, "float32", depth=2)
+    out = capsys.readouterr().out
+    kept, peak = (float(x.replace(",", "")) for x in re.search(
+        r"kept for backward: ([\d,.]+) MB .* alive during the step: ([\d,.]+) MB", out).groups())
+    assert 0 < kept <= peak and "matmul" in out and "attention" in out

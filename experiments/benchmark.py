@@ -142,7 +142,8 @@ def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
         total += e.self_cpu_time_total
     rev = subprocess.run(["git", "describe", "--always", "--dirty"], cwd=root, capture_output=True, text=True).stdout
     print(f"{rev.strip() or root}: one training step, {dtype} frozen weights, {model_dir}, 1 x {seq_len} tokens, "
-          f"depth {depth}{', checkpointing' * checkpointing}, rank 8, {torch.get_num_threads()} threads: {total / 1e3:,.0f} ms of op self time")
+          f"depth {depth}{', checkpointing' * checkpointing}, rank 8, {torch.get_num_threads()} threads: "
+          f"{total / 1e3:,.0f} ms of op self time")
     for kind, ops in sorted(by_kind.items(), key=lambda kv: -sum(t for t, _ in kv[1])):
         t = sum(t for t, _ in ops)
         top = ", ".join(f"{k.replace('aten::', '')} {v / 1e3:.0f}" for v, k in sorted(ops, reverse=True)[:4])
@@ -179,7 +180,8 @@ def main(argv=None):
     ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. -- --compile)")
     args = ap.parse_args(argv)
     if args.profile and not args.against:
-        return [profile(args.root, args.model, dtype, args.depth, args.checkpointing) for dtype in args.dtypes.split(",")]
+        return [profile(args.root, args.model, dtype, args.depth, args.checkpointing)
+                for dtype in args.dtypes.split(",")]
     if not args.against:
         ap.error("give --against REV (or --profile)")
     with tempfile.TemporaryDirectory() as tmp, worktree(args.against, tmp) as other:
@@ -189,8 +191,9 @@ def main(argv=None):
                                 "--dtypes", args.dtypes, "--depth", str(args.depth),
                                 *["--checkpointing"] * args.checkpointing], check=True)
             return
-        common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", str(args.depth), "--rank", "8",
-                  "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6", *args.extra]
+        common = ["--benchmark", "--model", str(HERE / args.model), "--device", "cpu", "--depth", str(args.depth),
+                  "--rank", "8", "--batch-size", "1", "--grad-accum", "1", "--seq-len", "256", "--steps", "6",
+                  *args.extra]
         results = {}  # (dtype, side) -> [(tok/s, peak)]
         for r in range(args.rounds):
             for dtype in args.dtypes.split(","):
