@@ -149,21 +149,19 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope(cfg, start, T, device, dtype=torch.float32):
-    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), computed in float32, given in
-    `dtype` (the activations'), each (T, hd): dimension i pairs with i + hd/2. The sin carries
-    the sign of the rotation, [-sin; sin], so that apply_rope needs no negation."""
+def rope(cfg, start, T, device):
+    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), in float32 whatever the weights."""
     hd = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
     angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hd/2)
-    cos, sin = angles.cos(), angles.sin()
-    return torch.cat([cos, cos], -1).to(dtype), torch.cat([-sin, sin], -1).to(dtype)
+    angles = torch.cat([angles, angles], -1)  # (T, hd): dimension i pairs with i + hd/2
+    return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
-    """Rotate each pair (x_i, x_{i+hd/2}) of x (B, n_head, T, hd) by its angle:
-    x cos + [-x_2; x_1] sin, with the minus in sin and [x_2; x_1] a roll of x by hd/2."""
-    return x * cos.to(x.dtype) + x.roll(x.size(-1) // 2, -1) * sin.to(x.dtype)
+    """Rotate each pair (x_i, x_{i+hd/2}) of x (B, n_head, T, hd) by its angle."""
+    x1, x2 = x.chunk(2, -1)  # (B, n_head, T, hd/2) each
+    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
 
 
 class Linear(nn.Linear):
@@ -389,8 +387,7 @@ class Qwen2(nn.Module):
             raise ValueError(f"token id {(lo if lo < 0 else hi).item()} is outside the vocabulary "
                              f"0..{self.cfg.vocab_size - 1}")
         start = caches[0].len if caches else 0
-        h = self.model.embed_tokens(idx)
-        return h, rope(self.cfg, start, idx.size(1), idx.device, h.dtype)
+        return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
 
     def head(self, h, targets=None, return_logits=True):
         """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100.
