@@ -261,15 +261,18 @@ class LinearCrossEntropy(torch.autograd.Function):
     """logits = x Wᵀ, and their mean cross-entropy (in float32) over targets != -100.
 
     The vocabulary is walked a block of columns at a time, with an online softmax (as flash
-    attention walks its keys). Each block of logits is copied to the returned tensor (if one is
-    asked for), gives up the logits of the targets it holds, is folded into a running max m and
-    sum s of exp(logit - m) per token, and, while still in cache, is multiplied back by its rows
-    of W into Σ exp(logit - m) W. At the end that sum over s is softmax · W, so the gradient
-    d loss / dx = (softmax · W − W[target]) / n is ready when the forward pass ends: no
-    (tokens × vocab) float32 tensor ever exists, nothing vocabulary-sized is kept for backward,
-    and backward only scales it by the incoming gradient. The same two matmuls as
-    logits-then-gradient. When W trains (pretraining), the logits are kept and backward walks
-    their blocks once more for d loss / dW. Call it through linear_cross_entropy."""
+    attention walks its keys). Each block of logits (tokens × 4,096: 4 MB in float32 at 256
+    tokens) is copied to the returned tensor, if one is asked for; gives the logit of each token
+    whose target lies in the block; is folded into a running max m and sum s of exp(logit - m)
+    per token; and, while it is still at hand, is multiplied back by its rows of W into
+    Σ exp(logit - m) W. At the end that sum divided by s is softmax · W, so the gradient
+    d loss / dx = (softmax · W − W[target]) / n is ready when the forward pass ends. Besides the
+    returned logits (in the activations' dtype), no (tokens × vocab) tensor exists, nothing
+    vocabulary-sized is kept for backward, and backward only scales the gradient by the incoming
+    one. The matmuls are the two that logits and then their gradient would take. When W trains
+    (pretraining), the logits are kept, and backward walks their blocks once more for
+    d loss / dW = (softmax − onehot)ᵀ x / n: a third matmul, as autograd would make. Targets must
+    be -100 or in the vocabulary (Qwen2.head checks). Call it through linear_cross_entropy."""
 
     @staticmethod
     def forward(ctx, x, w, targets, grad_enabled, block, return_logits):
@@ -283,7 +286,7 @@ class LinearCrossEntropy(torch.autograd.Function):
         picked = torch.zeros(N, device=device)  # the logit of each target
         # exp(logit - m) of one block, in float32 and (for the matmul) in x's dtype: allocated once
         e32 = torch.empty(N, min(block, V), device=device)
-        e16 = None if x2.dtype == torch.float32 else torch.empty_like(e32, dtype=x2.dtype)
+        e16 = torch.empty_like(e32, dtype=x2.dtype) if grad_x and x2.dtype != torch.float32 else None
         for j in range(0, V, block):
             wb = w[j:j + block]  # (n, d), n = block but at the end
             part = x2 @ wb.T  # (N, n)
@@ -397,6 +400,9 @@ class Qwen2(nn.Module):
             return F.linear(self.model.norm(h), w), None
         if targets.shape != h.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
+        bad = targets[(targets != -100) & ((targets < 0) | (targets >= len(w)))]
+        if len(bad):
+            raise ValueError(f"target id {bad[0].item()} is outside the vocabulary 0..{len(w) - 1} (and is not -100)")
         return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
     def forward(self, idx, targets=None, caches=None, return_logits=True):

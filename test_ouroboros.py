@@ -571,6 +571,15 @@ def test_token_outside_vocabulary_is_refused(tiny, bad):
     with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary 0..{TINY.vocab_size - 1}"):
         ob.Ouroboros.from_pretrained(tiny, device="cpu")(idx)
 
+@pytest.mark.parametrize("bad", [-1, TINY.vocab_size])
+def test_target_outside_vocabulary_is_refused(tiny, bad):
+    """-100 is ignored; any other id outside the vocabulary is an error, not a silently wrong loss."""
+    idx = ids()
+    targets = idx.roll(-1, 1)
+    targets[1, 3] = bad
+    with pytest.raises(ValueError, match=rf"target id {bad} is outside the vocabulary 0..{TINY.vocab_size - 1}"):
+        ob.Ouroboros.from_pretrained(tiny, device="cpu")(idx, 2, targets)
+
 # ----------------------------------------------------------------------------------------
 # Generation with a KV cache
 

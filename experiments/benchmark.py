@@ -19,7 +19,9 @@ RSS also holds the frozen weights, the runtime and what the allocator has not ha
 reports three things: its CPU time by kind of op, from torch.profiler (self time, so nothing is
 counted twice); the bytes autograd keeps for the backward pass; and the peak of the tensors alive
 during the step, counted op by op (a TorchDispatchMode), so the step's own memory without the
-weights, the runtime or the allocator. The last two leave out the weights and optimizer state.
+weights, the runtime or the allocator. The last two leave out the weights and optimizer state
+(the peak counts the trainables' gradients). The ops of the loss are counted by kind, like all
+others; the loss's own row is only its Python and autograd-node time.
 """
 import argparse
 import contextlib
@@ -74,14 +76,14 @@ KINDS = {  # op name fragments -> kind; the first match wins
     "matmul": ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear"),
     "attention": ("scaled_dot_product", "flash_attention", "_efficient_attention"),
     "dtype casts and copies": ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"),
-    "loss (LinearCrossEntropy, outside its matmuls)": ("LinearCrossEntropy",),
+    "LinearCrossEntropy itself (its ops are in their kinds)": ("LinearCrossEntropy",),
 }
 
 
 def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
     """CPU time of one training step of the checkout at `root`, by kind of op; the bytes autograd
     saves for backward; the peak of the tensors alive during the step (weights and the
-    optimizer's state left out, as they exist before it). The step is the one train.py takes:
+    optimizer's state left out, as they exist before it; the trainables' gradients counted). The step is the one train.py takes:
     the loss alone where the checkout can skip the logits."""
     import inspect
     import weakref
@@ -149,7 +151,8 @@ def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
         top = ", ".join(f"{k.replace('aten::', '')} {v / 1e3:.0f}" for v, k in sorted(ops, reverse=True)[:4])
         print(f"  {kind:<48} {t / 1e3:>7,.0f} ms  {100 * t / total:>4.0f}%   ({top})")
     print(f"  kept for backward: {sum(saved.values()) / 1e6:,.0f} MB in {len(saved)} tensors; peak of the "
-          f"tensors alive during the step: {Live.peak / 1e6:,.0f} MB (weights and optimizer state left out)")
+          f"tensors alive during the step: {Live.peak / 1e6:,.0f} MB (weights and optimizer state left out, "
+          f"gradients in)")
 
 
 @contextlib.contextmanager
