@@ -400,9 +400,10 @@ class Qwen2(nn.Module):
             return F.linear(self.model.norm(h), w), None
         if targets.shape != h.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-        bad = targets[(targets != -100) & ((targets < 0) | (targets >= len(w)))]
-        if len(bad):
-            raise ValueError(f"target id {bad[0].item()} is outside the vocabulary 0..{len(w) - 1} (and is not -100)")
+        invalid = (targets != -100) & ((targets < 0) | (targets >= len(w)))
+        if invalid.any():
+            raise ValueError(f"target id {targets[invalid][0].item()} is outside the vocabulary 0..{len(w) - 1} "
+                             f"(and is not -100)")
         return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
     def forward(self, idx, targets=None, caches=None, return_logits=True):
