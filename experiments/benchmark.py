@@ -5,6 +5,7 @@ Side by side: this checkout's training step against another git revision's, on o
     python experiments/benchmark.py --against HEAD~3 --rounds 5 --dtypes bfloat16 --depth 16
     python experiments/benchmark.py --profile                          # where this checkout's step goes
     python experiments/benchmark.py --profile --against a0d422f        # ... and the other's, one after the other
+    python experiments/benchmark.py --against a0d422f --checkpoint /tmp/q05b   # frozen weights from a checkpoint
 
 Each round runs `train.py --benchmark` once in each checkout, alternating A B A B, so that a
 noisy machine (other jobs, turbo, thermals) weighs on both alike; one timing alone means little
@@ -13,7 +14,9 @@ For every run it reads what train.py prints (the median tok/s of the updates aft
 and the peak resident memory *during training*: the largest RSS of the process, sampled every
 few milliseconds from /proc, once the model is loaded (after train.py's "trainable |" line).
 It prints the median over rounds of each, and the ratio this / other. Linux only (/proc).
-RSS also holds the frozen weights, the runtime and what the allocator has not handed back.
+RSS also holds the frozen weights, the runtime and what the allocator has not handed back; and
+what loading leaves behind differs between random weights and a checkpoint's. --checkpoint DIR
+therefore runs the same training step on weights loaded from DIR, in each checkout.
 
 --profile instead takes one training step (after one of warm-up) as train.py takes it, and
 reports three things: its CPU time by kind of op, from torch.profiler (self time, so nothing is
@@ -47,9 +50,35 @@ def rss_bytes(pid):
     return 0
 
 
-def run(checkout, argv):
-    """One `train.py --benchmark` in `checkout`: (tok/s, peak RSS in bytes after loading)."""
-    proc = subprocess.Popen([sys.executable, "-u", "train.py", *argv], cwd=checkout, text=True,
+# --checkpoint: the training step of train.py, on frozen weights loaded from a checkpoint
+# (train.py --benchmark makes random ones), run in the checkout with its own ouroboros.py.
+# It prints what run() reads: a "trainable |" line once loaded, then the median tok/s.
+FROM_CHECKPOINT = """
+import inspect, statistics, sys, time, torch
+import ouroboros as ob
+path, dtype, depth, T, steps = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:6])
+torch.manual_seed(0)
+model = ob.Ouroboros.from_pretrained(path, device="cpu", dtype=dtype, rank=8)
+print(" trainable | loaded", flush=True)
+opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+tok_s = []
+for step in range(steps):
+    x, y = torch.randint(0, model.cfg.vocab_size, (2, 1, T))
+    t0 = time.perf_counter()
+    model(x, depth, y, **loss_only)[1].backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    tok_s.append(T / (time.perf_counter() - t0))
+print(f"benchmark: {statistics.median(tok_s[1:]):,.0f} tok/s")
+"""
+
+
+def run(checkout, argv, checkpoint=None):
+    """One `train.py --benchmark ARGV` in `checkout`, or with a checkpoint the same step on its
+    weights (ARGV: dtype, depth, tokens, steps): (tok/s, peak RSS in bytes after loading)."""
+    cmd = ["-c", FROM_CHECKPOINT, str(checkpoint), *argv] if checkpoint else ["train.py", *argv]
+    proc = subprocess.Popen([sys.executable, "-u", *cmd], cwd=checkout, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     loaded, peak, lines = threading.Event(), [0], []
 
@@ -68,7 +97,7 @@ def run(checkout, argv):
     sampler.join()
     found = re.search(r"benchmark: ([\d,]+) tok/s", "".join(lines))
     if proc.returncode or not found:
-        sys.exit(f"error: train.py in {checkout} failed:\n{''.join(lines[-5:])}")
+        sys.exit(f"error: the step in {checkout} failed:\n{''.join(lines[-5:])}")
     return float(found.group(1).replace(",", "")), peak[0]
 
 
@@ -82,9 +111,9 @@ KINDS = {  # op name fragments -> kind; the first match wins
 
 def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
     """CPU time of one training step of the checkout at `root`, by kind of op; the bytes autograd
-    saves for backward; the peak of the tensors alive during the step (weights and the
-    optimizer's state left out, as they exist before it; the trainables' gradients counted). The step is the one train.py takes:
-    the loss alone where the checkout can skip the logits."""
+    saves for backward; the peak of the tensors alive during the step (weights and the optimizer's
+    state left out, as they exist before it; the trainables' gradients counted). The step is the
+    one train.py takes: the loss alone where the checkout can skip the logits."""
     import inspect
     import weakref
     import torch
@@ -179,6 +208,8 @@ def main(argv=None):
     ap.add_argument("--depth", type=int, default=4, help="loop steps")
     ap.add_argument("--checkpointing", action="store_true", help="--profile: recompute each loop step in backward")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
+    ap.add_argument("--checkpoint", type=Path, help="load the frozen weights from this Hugging Face folder "
+                    "(written first, random bf16 weights of --model's shape, if it has none) instead of random ones")
     ap.add_argument("--this", default="", help="train.py options for this checkout alone (e.g. --this=--compile)")
     ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. -- --compile)")
     args = ap.parse_args(argv)
@@ -187,6 +218,15 @@ def main(argv=None):
                 for dtype in args.dtypes.split(",")]
     if not args.against:
         ap.error("give --against REV (or --profile)")
+    if args.checkpoint and (args.this or args.extra):
+        ap.error("--checkpoint runs the training step itself: train.py options do not apply")
+    if args.checkpoint and not (args.checkpoint / "model.safetensors").is_file():
+        import torch
+        sys.path.insert(0, str(HERE))
+        import ouroboros as ob
+        torch.manual_seed(0)
+        cfg = ob.Qwen2Config.from_pretrained(HERE / args.model)
+        ob.Qwen2.from_config(cfg, device="cpu", dtype=torch.bfloat16).save_pretrained(args.checkpoint)
     with tempfile.TemporaryDirectory() as tmp, worktree(args.against, tmp) as other:
         if args.profile:  # each checkout in a process of its own, so each imports its own ouroboros
             for root in (HERE, other):
@@ -202,14 +242,17 @@ def main(argv=None):
             for dtype in args.dtypes.split(","):
                 for side, checkout in (("this", HERE), ("other", other)):  # A B A B
                     out = Path(tmp) / f"out-{side}"
-                    results.setdefault((dtype, side), []).append(
-                        run(checkout, [*common, *(args.this.split() if side == "this" else []),
-                                       "--dtype", dtype, "--out", str(out)]))
+                    argv = ([dtype, str(args.depth), "256", "6"] if args.checkpoint else
+                            [*common, *(args.this.split() if side == "this" else []), "--dtype", dtype,
+                             "--out", str(out)])
+                    results.setdefault((dtype, side), []).append(run(checkout, argv, args.checkpoint))
                     tok_s, peak = results[(dtype, side)][-1]
                     print(f"round {r + 1}/{args.rounds} {dtype:>8} {side:>5}: {tok_s:,.0f} tok/s, "
                           f"train peak {peak / 1e9:.2f} GB", flush=True)
+    setup = (f"weights from {args.checkpoint}, depth {args.depth}, rank 8, 1 x 256 tokens, 6 steps" if args.checkpoint
+             else " ".join(common[1:]))
     print(f"\nmedians over {args.rounds} rounds (this checkout{' ' + args.this if args.this else ''} vs "
-          f"{args.against}; {' '.join(common[1:])}):")
+          f"{args.against}; {setup}):")
     print(f"{'dtype':>9} | {'this tok/s':>10} | {'other tok/s':>11} | speed ratio | {'this peak':>9} | "
           f"{'other peak':>10} | memory ratio")
     for dtype in args.dtypes.split(","):
