@@ -342,6 +342,15 @@ def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
     return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
 
 
+def check_ids(ids, vocab_size, what, ignore=None):
+    """A one-line error naming an id outside 0..vocab_size-1 (ids equal to `ignore` pass), with one
+    host sync, rather than an index error from deep inside torch."""
+    lo, hi = (ids if ignore is None else ids.masked_fill(ids == ignore, 0)).aminmax()
+    if ((lo < 0) | (hi >= vocab_size)).item():
+        raise ValueError(f"{what} id {(lo if lo < 0 else hi).item()} is outside the vocabulary 0..{vocab_size - 1}"
+                         + (f" (and is not {ignore})" if ignore is not None else ""))
+
+
 class Qwen2(nn.Module):
     """The Qwen2 decoder. Module names mirror the checkpoint's tensor names, so loading is
     an identity map. `layers` keeps a subset of the layers under their checkpoint numbers
@@ -387,10 +396,7 @@ class Qwen2(nn.Module):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
         if idx.dim() != 2 or idx.numel() == 0:
             raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
-        lo, hi = idx.aminmax()
-        if lo < 0 or hi >= self.cfg.vocab_size:
-            raise ValueError(f"token id {(lo if lo < 0 else hi).item()} is outside the vocabulary "
-                             f"0..{self.cfg.vocab_size - 1}")
+        check_ids(idx, self.cfg.vocab_size, "token")
         start = caches[0].len if caches else 0
         return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
 
@@ -402,10 +408,7 @@ class Qwen2(nn.Module):
             return F.linear(self.model.norm(h), w), None
         if targets.shape != h.shape[:2]:
             raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-        invalid = (targets != -100) & ((targets < 0) | (targets >= len(w)))
-        if invalid.any():
-            raise ValueError(f"target id {targets[invalid][0].item()} is outside the vocabulary 0..{len(w) - 1} "
-                             f"(and is not -100)")
+        check_ids(targets, len(w), "target", ignore=-100)
         return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
     def forward(self, idx, targets=None, caches=None, return_logits=True):
