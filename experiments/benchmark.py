@@ -50,27 +50,42 @@ def rss_bytes(pid):
     return 0
 
 
-# --checkpoint: the training step of train.py, on frozen weights loaded from a checkpoint
-# (train.py --benchmark makes random ones), run in the checkout with its own ouroboros.py.
-# It prints what run() reads: a "trainable |" line once loaded, then the median tok/s.
-FROM_CHECKPOINT = """
-import inspect, statistics, sys, time, torch
+def training_step(model, depth, seq_len):
+    """(step, optimizer): step() is one update as train.py makes it, on a fixed batch of random
+    tokens: the loss alone where the checkout's model can skip the logits, backward, AdamW. Used
+    in any checkout, with that checkout's model."""
+    import inspect
+    import torch
+    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
+    x, y = torch.randint(0, model.cfg.vocab_size, (2, 1, seq_len))
+    loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+
+    def step():
+        model(x, depth, y, **loss_only)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, opt
+
+
+# --checkpoint: training_step on frozen weights loaded from a checkpoint (train.py --benchmark
+# makes random ones), run in the checkout (the current folder, so its own ouroboros.py). It
+# prints what run() reads: a "trainable |" line once loaded, then the median tok/s.
+FROM_CHECKPOINT = f"""
+import statistics, sys, time, torch
 import ouroboros as ob
+sys.path.append({str(HERE / "experiments")!r})
+from benchmark import training_step
 path, dtype, depth, T, steps = sys.argv[1], getattr(torch, sys.argv[2]), *map(int, sys.argv[3:6])
 torch.manual_seed(0)
 model = ob.Ouroboros.from_pretrained(path, device="cpu", dtype=dtype, rank=8)
 print(" trainable | loaded", flush=True)
-opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+step, _ = training_step(model, depth, T)
 tok_s = []
-for step in range(steps):
-    x, y = torch.randint(0, model.cfg.vocab_size, (2, 1, T))
+for _ in range(steps):
     t0 = time.perf_counter()
-    model(x, depth, y, **loss_only)[1].backward()
-    opt.step()
-    opt.zero_grad(set_to_none=True)
+    step()
     tok_s.append(T / (time.perf_counter() - t0))
-print(f"benchmark: {statistics.median(tok_s[1:]):,.0f} tok/s")
+print(f"benchmark: {{statistics.median(tok_s[1:]):,.0f}} tok/s")
 """
 
 
@@ -113,8 +128,7 @@ def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
     """CPU time of one training step of the checkout at `root`, by kind of op; the bytes autograd
     saves for backward; the peak of the tensors alive during the step (weights and the optimizer's
     state left out, as they exist before it; the trainables' gradients counted). The step is the
-    one train.py takes: the loss alone where the checkout can skip the logits."""
-    import inspect
+    one train.py takes (training_step)."""
     import weakref
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
@@ -124,14 +138,7 @@ def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
     cfg = ob.Qwen2Config.from_pretrained(HERE / model_dir)
     model = ob.Ouroboros.from_config(cfg, "cpu", getattr(torch, dtype), rank=8)
     model.checkpointing = checkpointing
-    opt = torch.optim.AdamW(model.trainable_parameters(), lr=1e-4)
-    x, y = torch.randint(0, cfg.vocab_size, (2, 1, seq_len))
-    loss_only = {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
-
-    def step():
-        model(x, depth, y, **loss_only)[1].backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    step, opt = training_step(model, depth, seq_len)
     step()  # warm-up; the optimizer's state now exists
     before = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers(),
               *(v for st in opt.state.values() for v in st.values())] if torch.is_tensor(t)}
@@ -160,8 +167,7 @@ def profile(root, model_dir, dtype, depth=4, checkpointing=False, seq_len=256):
         def free(self, key):
             Live.now -= self.sizes.pop(key)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x, depth, y, **loss_only)[1].backward()
-    opt.zero_grad(set_to_none=True)
+        step()
     with Live():
         step()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
