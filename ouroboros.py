@@ -29,11 +29,14 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
     python train.py --depth 4 --rank 8                                      # train
     pytest test_ouroboros.py                                                # test
 
-Sections, in reading order: config → Qwen2 blocks → loading → surgery and SVD bases →
-Controller (and, beyond the paper, coda adapters and per-token halting) → the recurrent
-model (gate, per-step norms, the loop) → generation.
+Part 1, the method, in the paper's order: config → Qwen2 blocks → Qwen2 → surgery and SVD
+bases → Controller → the recurrent model (gate, per-step norms, the loop) → generation.
+Part 2, engineering and beyond the paper: the fused loss and MLP kernels, per-token halting,
+coda adapters, FLOP counting, loading, input checks and the command line. Part 1 can be read
+without Part 2.
 """
 import argparse
+import contextlib
 import inspect
 import json
 import math
@@ -41,6 +44,7 @@ import os
 import sys
 import time
 from dataclasses import asdict, dataclass, fields, MISSING
+from functools import partial
 from itertools import repeat
 from pathlib import Path
 
@@ -56,18 +60,12 @@ TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_att
            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 MAX_STEPS = 64  # rows of the Controller's step table by default: depth can be 1..64
 
+# ========================================================================================
+# PART 1: THE METHOD
+# ========================================================================================
+
 # ----------------------------------------------------------------------------------------
 # Config: one dataclass, filled from the checkpoint's config.json
-
-
-def read_json(file, hint):
-    """A JSON file, or one line naming it: not found (with a hint how to get it), or not JSON."""
-    if not Path(file).is_file():
-        raise FileNotFoundError(f"{file}: not found ({hint})")
-    try:
-        return json.loads(Path(file).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
 @dataclass
@@ -88,12 +86,7 @@ class Qwen2Config:
         return self.hidden_size // self.num_attention_heads
 
     def __post_init__(self):
-        if self.hidden_size % self.num_attention_heads or self.head_dim % 2:
-            raise ValueError(f"hidden_size {self.hidden_size} must split into "
-                             f"{self.num_attention_heads} heads of even size")
-        if self.num_attention_heads % self.num_key_value_heads:
-            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple "
-                             f"of num_key_value_heads {self.num_key_value_heads}")
+        check_config(self)  # heads that split the hidden size evenly, and so on (Part 2)
 
     @classmethod
     def from_pretrained(cls, path):
@@ -102,27 +95,8 @@ class Qwen2Config:
 
     @classmethod
     def from_dict(cls, raw, source="config"):
-        def refuse(what):
-            raise ValueError(f"{source}: {what} is not supported (supported: model_type 'qwen2' "
-                             "with SiLU, full attention in every layer and unscaled RoPE)")
-        if raw.get("model_type") != "qwen2":
-            refuse(f"model_type {raw.get('model_type')!r}")
-        if raw.get("hidden_act", "silu") != "silu":
-            refuse(f"hidden_act {raw['hidden_act']!r}")
-        if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or ()):
-            refuse("sliding-window attention")
-        rope = raw.get("rope_parameters") or {}  # transformers 5.x spelling
-        if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
-            refuse(f"rope scaling {raw.get('rope_scaling') or rope}")
-        raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
-               "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
-        for f in fields(cls):
-            if f.default is MISSING and raw.get(f.name) is None:
-                raise ValueError(f"{source}: key {f.name!r} is missing")
-        cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
-        if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
-            refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
-        return cfg
+        """The config of a config.json, once it is known to describe a model this file implements."""
+        return config_from_dict(cls, raw, source)  # Part 2: what is refused, and why
 
     def to_dict(self):
         """config.json contents, as transformers 4.x writes them."""
@@ -169,7 +143,6 @@ class Linear(nn.Linear):
 
     Given the modulation c (..., 7, r) of all targets, it adds its own slice:
     y = x Wᵀ + b + ((x Aᵀ) ⊙ c_t) Bᵀ, i.e. ΔW = B diag(c_t) A (c_t already carries α/r).
-    An adapter (the coda's, beyond the paper) adds adapter(x, t) instead.
     """
 
     def __init__(self, *args, slot, **kwargs):
@@ -178,10 +151,8 @@ class Linear(nn.Linear):
         self.register_buffer("lora_B", None, persistent=False)  # (out, r), frozen
         self.lora_slot = slot  # which of the 7 targets this projection is: TARGETS[slot]
 
-    def forward(self, x, c=None, adapter=None):
+    def forward(self, x, c=None):
         y = F.linear(x, self.weight, self.bias)
-        if adapter is not None:
-            return y + adapter(x, self.lora_slot)
         if c is None or self.lora_A is None:
             return y
         return y + ((x @ self.lora_A.T) * c[..., self.lora_slot, :]) @ self.lora_B.T
@@ -197,38 +168,23 @@ class Attention(nn.Module):
         self.v_proj = Linear(d, self.n_kv * hd, bias=True, slot=2)
         self.o_proj = Linear(self.n_head * hd, d, bias=False, slot=3)
 
-    def forward(self, x, cos_sin, cache=None, c=None, adapter=None):
+    def forward(self, x, cos_sin, cache=None, c=None):
         B, T, _ = x.shape
-        q = self.q_proj(x, c, adapter).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k, v = self.keys_values(x, cos_sin, cache, c, adapter)  # (B, n_kv, past + T, hd) each
+        q = self.q_proj(x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        k, v = self.keys_values(x, cos_sin, cache, c)  # (B, n_kv, past + T, hd) each
         # Causal when the queries are the whole sequence; a lone new query (decode) sees all
         # keys. enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
         y = F.scaled_dot_product_attention(apply_rope(q, *cos_sin), k, v, is_causal=T > 1,
                                            enable_gqa=True)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c, adapter)  # (B, T, d)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
 
-    def keys_values(self, x, cos_sin, cache=None, c=None, adapter=None):
+    def keys_values(self, x, cos_sin, cache=None, c=None):
         """K (rotated) and V of x, appended to the cache if there is one."""
         B, T, _ = x.shape
-        k = self.k_proj(x, c, adapter).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x, c, adapter).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        k = self.k_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = self.v_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         k = apply_rope(k, *cos_sin)
         return cache.update(k, v) if cache is not None else (k, v)
-
-
-class SwiGLU(torch.autograd.Function):
-    """silu(a) · b, keeping only a and b for backward (autograd would keep silu(a) as well: a
-    third tokens × intermediate tensor per layer call). Backward recomputes silu(a)."""
-
-    @staticmethod
-    def forward(ctx, a, b):
-        ctx.save_for_backward(a, b)
-        return F.silu(a) * b
-
-    @staticmethod
-    def backward(ctx, grad):
-        a, b = ctx.saved_tensors
-        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)  # silu' as autograd has it
 
 
 class MLP(nn.Module):
@@ -238,8 +194,9 @@ class MLP(nn.Module):
         self.gate_proj, self.up_proj = Linear(d, i, bias=False, slot=4), Linear(d, i, bias=False, slot=5)
         self.down_proj = Linear(i, d, bias=False, slot=6)
 
-    def forward(self, x, c=None, adapter=None):
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x, c, adapter), self.up_proj(x, c, adapter)), c, adapter)
+    def forward(self, x, c=None):
+        # silu(gate) * up; SwiGLU (Part 2) computes exactly that and keeps less for backward
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x, c), self.up_proj(x, c)), c)
 
 
 class Block(nn.Module):
@@ -252,103 +209,12 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, h, cos_sin, cache=None, c=None, adapter=None):
-        h = h + self.self_attn(self.input_layernorm(h), cos_sin, cache, c, adapter)
-        return h + self.mlp(self.post_attention_layernorm(h), c, adapter)
+    def forward(self, h, cos_sin, cache=None, c=None):
+        h = h + self.self_attn(self.input_layernorm(h), cos_sin, cache, c)
+        return h + self.mlp(self.post_attention_layernorm(h), c)
 
-
-class LinearCrossEntropy(torch.autograd.Function):
-    """logits = x Wᵀ, and their mean cross-entropy (in float32) over targets != -100.
-
-    F.cross_entropy on float32 logits would keep tokens × vocab float32 log-probabilities for
-    backward (2.5 GB for Qwen2.5-3B at 2 × 2048 tokens) and make as large a gradient. Instead,
-    the vocabulary is walked a block of columns at a time, with an online softmax (as flash
-    attention walks its keys). Each block of logits (tokens × 4,096: 4 MB in float32 at 256
-    tokens) is copied to the returned tensor, if one is asked for; gives the logit of each token
-    whose target lies in the block; is folded into a running max m and sum s of exp(logit - m)
-    per token; and, while it is still at hand, is multiplied back by its rows of W into
-    Σ exp(logit - m) W. At the end that sum divided by s is softmax · W, so the gradient
-    d loss / dx = (softmax · W − W[target]) / n is ready when the forward pass ends. Besides the
-    returned logits (in the activations' dtype), no (tokens × vocab) tensor exists, nothing
-    vocabulary-sized is kept for backward, and backward only scales the gradient by the incoming
-    one. The matmuls are the two that logits and then their gradient would take. When W trains
-    (pretraining), the logits are kept, and backward walks their blocks once more for
-    d loss / dW = (softmax − onehot)ᵀ x / n: a third matmul, as autograd would make. Targets must
-    be -100 or in the vocabulary (Qwen2.head checks). Call it through linear_cross_entropy."""
-
-    @staticmethod
-    def forward(ctx, x, w, targets, grad_enabled, block, return_logits):
-        x2, t = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
-        (N, d), V, device = x2.shape, len(w), x.device
-        grad_x, grad_w = (grad_enabled and needs for needs in ctx.needs_input_grad[:2])
-        logits = x2.new_empty(N, V) if return_logits or grad_w else None  # in the activations' dtype
-        m = torch.full((N,), -math.inf, device=device)  # running max of each row, float32
-        s = torch.zeros(N, device=device)  # running Σ exp(logit - m)
-        sw = torch.zeros(N, d, device=device) if grad_x else None  # running Σ exp(logit - m) W
-        picked = torch.zeros(N, device=device)  # the logit of each target
-        # exp(logit - m) of one block, in float32 and (for the matmul) in x's dtype: allocated once
-        e32 = torch.empty(N, min(block, V), device=device)
-        e16 = torch.empty_like(e32, dtype=x2.dtype) if grad_x and x2.dtype != torch.float32 else None
-        for j in range(0, V, block):
-            wb = w[j:j + block]  # (n, d), n = block but at the end
-            part = x2 @ wb.T  # (N, n)
-            if logits is not None:
-                logits[:, j:j + block] = part
-            here = (t >= j) & (t < j + len(wb))  # the targets in this block
-            picked = torch.where(here, part.gather(1, (t - j).clamp(0, len(wb) - 1)[:, None])[:, 0].float(), picked)
-            m_new = torch.maximum(m, part.amax(1).float())
-            rescale = (m - m_new).exp_()  # what the sums so far are worth under the new max
-            e = e32[:, :len(wb)].copy_(part).sub_(m_new[:, None]).exp_()
-            s = s.mul_(rescale).add_(e.sum(1))
-            if grad_x:
-                sw = sw.mul_(rescale[:, None]).add_((e if e16 is None else e16[:, :len(wb)].copy_(e)) @ wb)
-            m = m_new
-        lse = m + s.log()
-        weight = (t != -100).float() / (t != -100).sum()  # 1/n for each counted target, else 0
-        if grad_x:  # (softmax · W - W[target]) / n, rows whose target is -100 zeroed
-            sw = ((sw / s[:, None] - w[t.clamp(min=0)].float()) * weight[:, None]).to(x2.dtype)
-        ctx.save_for_backward(sw, *((x2, logits, t, lse, weight) if grad_w else ()))
-        ctx.block, ctx.x_shape = block, x.shape
-        ctx.set_materialize_grads(False)  # no zero (N, vocab) gradient for the logits
-        if logits is not None:
-            ctx.mark_non_differentiable(logits)
-        loss = ((lse - picked) * weight).sum()
-        return (logits.view(*x.shape[:-1], V) if return_logits else None), loss
-
-    @staticmethod
-    def backward(ctx, _, grad_loss):
-        sw, *kept = ctx.saved_tensors
-        grad_x = (sw * grad_loss).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
-        grad_w = None
-        if ctx.needs_input_grad[1]:  # d loss / dW = (softmax - onehot(t))ᵀ x / n, a block of rows at a time
-            x2, logits, t, lse, weight = kept
-            grad_w = torch.empty(logits.size(1), x2.size(1), dtype=x2.dtype, device=x2.device)
-            for j in range(0, logits.size(1), ctx.block):
-                g = torch.sub(logits[:, j:j + ctx.block], lse[:, None]).exp_()  # softmax, float32
-                here = (t >= j) & (t < j + g.size(1))
-                g[here, t[here] - j] -= 1
-                grad_w[j:j + ctx.block] = g.mul_(weight[:, None] * grad_loss).to(x2.dtype).T @ x2
-        return grad_x, grad_w, None, None, None, None
-
-
-def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
-    """(logits, loss) of x (..., d) against W (vocab, d), see LinearCrossEntropy; logits are None
-    with return_logits=False (training needs only the loss: no (tokens × vocab) tensor at all).
-    The gradient of x is made in the forward pass only where autograd will ask for it. Under
-    autocast, x and W are cast here, as autocast casts them for x Wᵀ."""
-    if torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        x, w = x.to(dtype), w.to(dtype)
-    return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
-
-
-def check_ids(ids, vocab_size, what, ignore=None):
-    """A one-line error naming an id outside 0..vocab_size-1 (ids equal to `ignore` pass), with one
-    host sync, rather than an index error from deep inside torch."""
-    lo, hi = (ids if ignore is None else ids.masked_fill(ids == ignore, 0)).aminmax()
-    if ((lo < 0) | (hi >= vocab_size)).item():
-        raise ValueError(f"{what} id {(lo if lo < 0 else hi).item()} is outside the vocabulary 0..{vocab_size - 1}"
-                         + (f" (and is not {ignore})" if ignore is not None else ""))
+# ----------------------------------------------------------------------------------------
+# Qwen2: embedding, the layers, final norm and head
 
 
 class Qwen2(nn.Module):
@@ -394,9 +260,7 @@ class Qwen2(nn.Module):
 
     def embed(self, idx, caches=None):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
-        if idx.dim() != 2 or idx.numel() == 0:
-            raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
-        check_ids(idx, self.cfg.vocab_size, "token")
+        check_idx(idx, self.cfg.vocab_size)
         start = caches[0].len if caches else 0
         return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
 
@@ -406,9 +270,8 @@ class Qwen2(nn.Module):
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         if targets is None:
             return F.linear(self.model.norm(h), w), None
-        if targets.shape != h.shape[:2]:
-            raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-        check_ids(targets, len(w), "target", ignore=-100)
+        check_targets(targets, h, len(w))
+        # F.cross_entropy(logits, targets), computed a block of the vocabulary at a time (Part 2)
         return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
     def forward(self, idx, targets=None, caches=None, return_logits=True):
@@ -418,6 +281,573 @@ class Qwen2(nn.Module):
         for layer in self.model.layers.values():
             h = layer(h, cos_sin, next(kv))
         return self.head(h[:, -1:] if caches else h, targets, return_logits)
+
+# ----------------------------------------------------------------------------------------
+# Surgery and SVD bases
+
+
+def split_layers(L, prelude=None, recurrent=None, coda=None):
+    """Prelude [0, P), recurrent layer R, coda [L-C, L). The paper's 8 / 18 / 8 of 36
+    layers, in the same proportions for other depths (24 layers: 5 / 12 / 5)."""
+    P = round(8 * L / 36) if prelude is None else prelude
+    C = round(8 * L / 36) if coda is None else coda
+    R = L // 2 if recurrent is None else recurrent
+    if not (0 <= P <= R < L - C and C >= 0):
+        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} is out of range for {L} layers "
+                         f"(need 0 <= prelude <= recurrent < {L} - coda)")
+    removed = [i for i in range(P, L - C) if i != R]
+    if not removed:
+        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} of {L} layers removes no layer "
+                         "(the LoRA bases are built from the removed layers)")
+    return P, R, C, removed
+
+
+def svd_basis(delta, rank):
+    """Best rank-r factors of Δ (out, in): A = Vᵀ[:r] (r, in), B = U[:, :r] diag(S[:r]) (out, r)."""
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    return Vh[:rank].clone(), U[:, :rank] * S[:rank]
+
+# ----------------------------------------------------------------------------------------
+# Controller: the hypernetwork that makes each recurrence step input-dependent
+
+
+class Controller(nn.Module):
+    """c_{t,s} = H_t u,  u = SiLU(W3 SiLU(W2 [z; e_s] + b2) + b3),  z = SiLU(W1 p + b1)."""
+
+    def __init__(self, d, rank, max_steps, E):
+        super().__init__()
+        self.w1 = nn.Linear(d, 2 * E)  # W1, b1: pooled state -> z
+        self.step_embedding = nn.Embedding(max_steps, E)  # e_s
+        self.w2 = nn.Linear(3 * E, 2 * E)  # W2, b2
+        self.w3 = nn.Linear(2 * E, E)  # W3, b3
+        self.heads = nn.Linear(E, len(TARGETS) * rank, bias=False)  # H_t of the 7 targets, stacked
+        nn.init.zeros_(self.heads.weight)  # c = 0, so ΔW = 0: step s of a fresh model is the plain layer
+
+    def forward(self, p, s):
+        z = F.silu(self.w1(p))  # (B, T, 2E)
+        e = self.step_embedding.weight[s].expand(*z.shape[:-1], -1)  # (B, T, E)
+        u = F.silu(self.w3(F.silu(self.w2(torch.cat([z, e], -1)))))  # (B, T, E)
+        return self.heads(u).unflatten(-1, (len(TARGETS), -1))  # (B, T, 7, r)
+
+
+class StaticModulation(nn.Module):
+    """Ablation "static per-step LoRA": c[s, t] is a learned table that ignores the input."""
+
+    def __init__(self, rank, max_steps):
+        super().__init__()
+        self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
+
+    def forward(self, p, s):
+        return self.table[s]  # (7, r), the same for every sequence and position
+
+# ----------------------------------------------------------------------------------------
+# The recurrent model: prelude, gated and normalised loop over layer R, coda
+
+
+class Ouroboros(nn.Module):
+    """Prelude, `depth` gated and normalised steps of the modulated layer R, coda.
+
+    Build it with from_pretrained (a checkpoint) or from_config (random frozen weights).
+    The constructor alone makes the trainables and an empty (meta) frozen trunk; `build`
+    fills the trunk and attaches the SVD bases. `halting` and `coda_rank` are beyond the
+    paper (Part 2); both are off by default."""
+
+    def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
+                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS,
+                 controller_width=128, halting=False, coda_rank=0):
+        super().__init__()
+        check_options(controller, pool, max_steps)
+        L, d = cfg.num_hidden_layers, cfg.hidden_size
+        P, R, C, self.removed = split_layers(L, prelude, recurrent, coda)
+        self.cfg, self.prelude, self.recurrent, self.coda = cfg, range(P), R, range(L - C, L)
+        self.options = dict(rank=rank, alpha=alpha, prelude=P, recurrent=R, coda=C, controller=controller,
+                            pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps,
+                            controller_width=controller_width, halting=halting, coda_rank=coda_rank)
+        with torch.device("meta"):  # the frozen trunk is filled from the checkpoint later
+            self.base = Qwen2(cfg, layers=[*self.prelude, R, *self.coda])
+        check_rank(self.layer, rank)
+        self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
+        if controller == "dynamic":
+            self.controller = Controller(d, rank, max_steps, controller_width)
+        elif controller == "static":
+            self.controller = StaticModulation(rank, max_steps)
+        else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
+            self.controller = None
+        self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
+        self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
+        if gate:
+            nn.init.zeros_(self.gate.weight)
+            nn.init.constant_(self.gate.bias, -2.0)  # σ(-2) = 0.1192: 88% of h is kept at init
+        self.step_norms = nn.Parameter(torch.ones(max_steps, d)) if step_norm else None  # one RMSNorm weight per step
+        # Beyond the paper (Part 2, both off by default): a halting head, and LoRA adapters on the coda.
+        self.halt = Halting.head(d) if halting else None
+        self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
+        self.adapters = Adapter.on_coda(self, coda_rank, alpha) if coda_rank else None
+        self.checkpointing = False  # True: recompute each step in backward instead of storing it
+
+    @property
+    def layer(self):
+        return self.base.model.layers[str(self.recurrent)]
+
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **options):
+        cfg = Qwen2Config.from_pretrained(path)
+        device, dtype = placement(device, dtype)
+        return cls.build(cfg, Checkpoint(path, cfg, device).read, device, dtype, options)
+
+    @classmethod
+    def from_config(cls, cfg, device=None, dtype=None, **options):
+        """Random frozen weights; on device="meta" nothing is allocated (for counting)."""
+        device, dtype = placement(device, dtype)
+        return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
+
+    @classmethod
+    def build(cls, cfg, read, device, dtype, options):
+        with torch.device(device):
+            model = cls(cfg, **options)  # trainables: float32, initialised on the device
+        load_frozen(model.base, read, dtype)  # only the 17 kept layers are read here
+        # SVD bases: Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32. The
+        # removed layers are streamed one tensor at a time: they are never all in memory.
+        for t in TARGETS:
+            lin = model.layer.get_submodule(t)
+            total = sum(read(f"model.layers.{i}.{t}.weight").float() for i in model.removed)
+            A, B = svd_basis(total / len(model.removed) - lin.weight.float(), model.options["rank"])
+            lin.lora_A, lin.lora_B = A.to(dtype), B.to(dtype)
+        return model
+
+    def modulation(self, h, s, cache=None):
+        """c_s, scaled by α/r: (B, T, 7, r) per position for the causal pool, (B, 1, 7, r) per
+        sequence for the mean pool, (7, r) for the static table, None with no controller."""
+        if self.controller is None:
+            return None
+        if isinstance(self.controller, StaticModulation):
+            return self.scale * self.controller(None, s)
+        if self.pool == "mean":  # the paper's: every position sees the whole sequence
+            p = h.float().mean(1, keepdim=True)  # (B, 1, d)
+        else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
+            past = cache.len if cache is not None else 0
+            running = h.float().cumsum(1)  # (B, T, d)
+            if cache is not None:
+                running = running + cache.h_sum
+                cache.h_sum = running[:, -1:]
+            p = running / torch.arange(past + 1, past + h.size(1) + 1, device=h.device)[:, None]
+        return self.scale * self.controller(p, s)
+
+    def step(self, h, s, cos_sin, cache=None):
+        """One recurrence step: modulated layer R, per-step norm, gated update."""
+        h_new = self.layer(h, cos_sin, cache, self.modulation(h, s, cache))
+        if self.step_norms is not None:
+            h_new = rms_norm(h_new, self.step_norms[s], self.cfg.rms_norm_eps)  # StepNorm_s
+        if self.gate is None:
+            return h_new
+        g = torch.sigmoid(self.gate(torch.cat([h_new, h], -1)))  # (B, T, d)
+        return g * h_new + (1 - g) * h
+
+    def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
+        """Logits and loss after `depth` loop steps (with halting: at most `depth`)."""
+        if not 1 <= depth <= self.options["max_steps"]:
+            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
+        layers, frozen = self.base.model.layers, self.base.model.norm.weight
+        kv = iter(caches) if caches else repeat(None)  # calls: prelude, each step, coda
+        # --checkpointing recomputes each step in backward: memory of one step, not of `depth`
+        step = partial(checkpoint, self.step, use_reentrant=False) if (
+            self.checkpointing and torch.is_grad_enabled()) else self.step
+        # Trainables keep float32 master weights; they compute in the frozen weights' dtype.
+        with torch.autocast(frozen.device.type, frozen.dtype, enabled=frozen.dtype != torch.float32):
+            with torch.no_grad():  # the prelude is frozen and nothing before it trains
+                h, cos_sin = self.base.embed(idx, caches)
+                for i in self.prelude:
+                    h = layers[str(i)](h, cos_sin, next(kv))
+            if self.halt is None:  # the loop: h ← step_s(h) for s = 0 .. depth-1
+                for s in range(depth):
+                    h = step(h, s, cos_sin, next(kv))
+            else:  # beyond the paper: each position stops when its halting head says so
+                h = Halting.loop(self, h, depth, cos_sin, kv, step)
+            with Adapter.acting(self.adapters):  # beyond the paper: coda adapters, if any, act here only
+                for i in self.coda:
+                    h = layers[str(i)](h, cos_sin, next(kv))
+            return self.base.head(h[:, -1:] if caches else h, targets, return_logits)
+
+    def baseline(self, idx, targets=None, return_logits=True):
+        """The pruned model with no loop: prelude, layer R once, coda ("17-layer baseline")."""
+        return self.base(idx, targets, return_logits=return_logits)
+
+    def named_trainable(self):
+        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base.")]
+
+    def trainable_parameters(self):
+        return [p for _, p in self.named_trainable()]
+
+    def save_trainable(self, file):
+        """Trainable tensors to safetensors, with the options and config as metadata."""
+        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable()}
+        meta = {"ouroboros": json.dumps(self.options), "config": json.dumps(asdict(self.cfg))}
+        save_atomic(tensors, file, meta)
+
+    def load_trainable(self, file):
+        options, config = read_trainable_options(file, with_config=True)
+        diff = [f"{k}: file {options.get(k)!r}, model {v!r}" for k, v in self.options.items()
+                if options.get(k) != v]
+        diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(self.cfg).items()
+                 if config.get(k) != v]
+        if diff:
+            raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
+        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
+            for name, p in self.named_trainable():
+                p.copy_(f.get_tensor(name))
+
+# ----------------------------------------------------------------------------------------
+# Generation: prefill, then one token at a time with a KV cache per attention call
+
+
+class KVCache:
+    """Keys and values of one attention call, preallocated for max_len positions. The
+    looped layer gets one per recurrence step (each step attends to its own past), and
+    there the causal Controller's running sum of h rides along (h_sum)."""
+
+    def __init__(self, max_len):
+        self.max_len, self.len, self.k, self.v, self.h_sum = max_len, 0, None, None, 0.0
+
+    def update(self, k, v):  # k, v: (B, n_kv, T, hd) of the new positions
+        B, n_kv, T, hd = k.shape
+        if (T > 1 and self.len) or self.len + T > self.max_len:
+            raise ValueError(f"KV cache: {T} new positions after {self.len} (room for {self.max_len}); "
+                             "prefill an empty cache, then add one position at a time")
+        if self.k is None:
+            self.k, self.v = k.new_empty(B, n_kv, self.max_len, hd), v.new_empty(B, n_kv, self.max_len, hd)
+        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
+        self.len += T
+        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, n_kv, len, hd)
+
+
+def sample(logits, temperature=1.0, top_k=None):
+    """Next ids (B, 1) from last-position logits (B, vocab); temperature 0 or top_k 1 is greedy."""
+    if temperature == 0 or top_k == 1:
+        return logits.argmax(-1, keepdim=True)
+    logits = logits.float() / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, -1), 1)
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
+    """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
+    check_prompt(model, idx, max_new_tokens, temperature, top_k)
+    if isinstance(model, Ouroboros):
+        n_calls, run = len(model.prelude) + depth + len(model.coda), lambda x, kv: model(x, depth, caches=kv)
+    else:
+        n_calls, run = len(model.model.layers), lambda x, kv: model(x, caches=kv)
+    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(n_calls)]
+    x = idx
+    for _ in range(max_new_tokens):
+        x = sample(run(x, caches)[0][:, -1], temperature, top_k)  # (B, 1)
+        yield x
+
+
+def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
+    """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k)], 1)
+
+
+# ========================================================================================
+# PART 2: ENGINEERING AND BEYOND THE PAPER
+# Nothing here is needed to follow the method: what makes it lean, fast and safe, the two
+# extensions that are off by default, and the command line.
+# ========================================================================================
+
+# ----------------------------------------------------------------------------------------
+# Kernels: the MLP's product and the loss, with less kept for backward
+
+
+class SwiGLU(torch.autograd.Function):
+    """F.silu(a) * b, keeping only a and b for backward (autograd would keep silu(a) as well: a
+    third tokens × intermediate tensor per layer call). Backward recomputes silu(a)."""
+
+    @staticmethod
+    def forward(ctx, a, b):
+        ctx.save_for_backward(a, b)
+        return F.silu(a) * b
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b = ctx.saved_tensors
+        return torch.ops.aten.silu_backward(grad * b, a), grad * F.silu(a)  # silu' as autograd has it
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    """F.cross_entropy((x @ w.T).float(), targets, ignore_index=-100), and the logits x @ w.T,
+    with nothing vocabulary-sized kept for backward.
+
+    F.cross_entropy on float32 logits would keep tokens × vocab float32 log-probabilities for
+    backward (2.5 GB for Qwen2.5-3B at 2 × 2048 tokens) and make as large a gradient. Instead,
+    the vocabulary is walked a block of columns at a time, with an online softmax (as flash
+    attention walks its keys). Each block of logits (tokens × 4,096: 4 MB in float32 at 256
+    tokens) is copied to the returned tensor, if one is asked for; gives the logit of each token
+    whose target lies in the block; is folded into a running max m and sum s of exp(logit - m)
+    per token; and, while it is still at hand, is multiplied back by its rows of W into
+    Σ exp(logit - m) W. At the end that sum divided by s is softmax · W, so the gradient
+    d loss / dx = (softmax · W − W[target]) / n is ready when the forward pass ends. Besides the
+    returned logits (in the activations' dtype), no (tokens × vocab) tensor exists, nothing
+    vocabulary-sized is kept for backward, and backward only scales the gradient by the incoming
+    one. The matmuls are the two that logits and then their gradient would take. When W trains
+    (pretraining), the logits are kept, and backward walks their blocks once more for
+    d loss / dW = (softmax − onehot)ᵀ x / n: a third matmul, as autograd would make. Targets must
+    be -100 or in the vocabulary (Qwen2.head checks). Call it through linear_cross_entropy."""
+
+    @staticmethod
+    def forward(ctx, x, w, targets, grad_enabled, block, return_logits):
+        x2, t = x.flatten(0, -2), targets.flatten()  # (N, d), (N,)
+        (N, d), V, device = x2.shape, len(w), x.device
+        grad_x, grad_w = (grad_enabled and needs for needs in ctx.needs_input_grad[:2])
+        logits = x2.new_empty(N, V) if return_logits or grad_w else None  # in the activations' dtype
+        m = torch.full((N,), -math.inf, device=device)  # running max of each row, float32
+        s = torch.zeros(N, device=device)  # running Σ exp(logit - m)
+        sw = torch.zeros(N, d, device=device) if grad_x else None  # running Σ exp(logit - m) W
+        picked = torch.zeros(N, device=device)  # the logit of each target
+        # exp(logit - m) of one block, in float32 and (for the matmul) in x's dtype: allocated once
+        e32 = torch.empty(N, min(block, V), device=device)
+        e16 = torch.empty_like(e32, dtype=x2.dtype) if grad_x and x2.dtype != torch.float32 else None
+        for j in range(0, V, block):
+            wb = w[j:j + block]  # (n, d), n = block but at the end
+            part = x2 @ wb.T  # (N, n)
+            if logits is not None:
+                logits[:, j:j + block] = part
+            here = (t >= j) & (t < j + len(wb))  # the targets in this block
+            picked = torch.where(here, part.gather(1, (t - j).clamp(0, len(wb) - 1)[:, None])[:, 0].float(),
+                                 picked)
+            m_new = torch.maximum(m, part.amax(1).float())
+            rescale = (m - m_new).exp_()  # what the sums so far are worth under the new max
+            e = e32[:, :len(wb)].copy_(part).sub_(m_new[:, None]).exp_()
+            s = s.mul_(rescale).add_(e.sum(1))
+            if grad_x:
+                sw = sw.mul_(rescale[:, None]).add_((e if e16 is None else e16[:, :len(wb)].copy_(e)) @ wb)
+            m = m_new
+        lse = m + s.log()
+        weight = (t != -100).float() / (t != -100).sum()  # 1/n for each counted target, else 0
+        if grad_x:  # (softmax · W - W[target]) / n, rows whose target is -100 zeroed
+            sw = ((sw / s[:, None] - w[t.clamp(min=0)].float()) * weight[:, None]).to(x2.dtype)
+        ctx.save_for_backward(sw, *((x2, logits, t, lse, weight) if grad_w else ()))
+        ctx.block, ctx.x_shape = block, x.shape
+        ctx.set_materialize_grads(False)  # no zero (N, vocab) gradient for the logits
+        if logits is not None:
+            ctx.mark_non_differentiable(logits)
+        loss = ((lse - picked) * weight).sum()
+        return (logits.view(*x.shape[:-1], V) if return_logits else None), loss
+
+    @staticmethod
+    def backward(ctx, _, grad_loss):
+        sw, *kept = ctx.saved_tensors
+        grad_x = (sw * grad_loss).view(ctx.x_shape) if ctx.needs_input_grad[0] else None
+        grad_w = None
+        if ctx.needs_input_grad[1]:  # d loss / dW = (softmax - onehot(t))ᵀ x / n, a block of rows at a time
+            x2, logits, t, lse, weight = kept
+            grad_w = torch.empty(logits.size(1), x2.size(1), dtype=x2.dtype, device=x2.device)
+            for j in range(0, logits.size(1), ctx.block):
+                g = torch.sub(logits[:, j:j + ctx.block], lse[:, None]).exp_()  # softmax, float32
+                here = (t >= j) & (t < j + g.size(1))
+                g[here, t[here] - j] -= 1
+                grad_w[j:j + ctx.block] = g.mul_(weight[:, None] * grad_loss).to(x2.dtype).T @ x2
+        return grad_x, grad_w, None, None, None, None
+
+
+def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
+    """(logits, loss) of x (..., d) against W (vocab, d), see LinearCrossEntropy; logits are None
+    with return_logits=False (training needs only the loss: no (tokens × vocab) tensor at all).
+    The gradient of x is made in the forward pass only where autograd will ask for it. Under
+    autocast, x and W are cast here, as autocast casts them for x Wᵀ."""
+    if torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        x, w = x.to(dtype), w.to(dtype)
+    return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
+
+# ----------------------------------------------------------------------------------------
+# Beyond the paper: per-token adaptive depth (halting)
+
+
+class Halting:
+    """Beyond the paper, per-token adaptive depth: ACT (Graves 2016, "Adaptive Computation Time")
+    over the loop, for one forward pass. After step s each position that still runs emits a
+    halting probability λ_s = σ(w · h_s + b), and it stops at the first step N where
+    λ_0 + ... + λ_N ≥ 1 - ε (or at the last step). What the coda reads is the mean of its states
+    weighted by p_s = λ_s for s < N and the remainder R = 1 - (λ_0 + ... + λ_{N-1}) at N.
+    The ponder cost ρ = (N + 1) + R: steps taken, plus R, through which λ learns to stop sooner.
+
+    A halted position's state is carried unchanged. At the steps it skips it still takes part in
+    attention: its K/V are recomputed from its carried state, with that step's modulation (what
+    the unmasked layer would give it). Training, evaluation and cached decoding all follow this
+    rule, so cached generation equals recomputation; a halted token costs K and V per skipped step."""
+    eps = 0.01
+
+    @staticmethod
+    def head(d):
+        """The halting head λ_s = σ(w · h_s + b), Ouroboros.halt."""
+        head = nn.Linear(d, 1)
+        nn.init.zeros_(head.weight)
+        # λ = σ(-3) = 0.047: a fresh model runs every step up to 21 (21 σ(-3) >= 0.99), and the
+        # coda reads mostly the last state (0.86 of the mixture at depth 4)
+        nn.init.constant_(head.bias, -3.0)
+        return head
+
+    def __init__(self, h):
+        B, T, _ = h.shape
+        self.running = torch.ones(B, T, dtype=torch.bool, device=h.device)  # not yet halted
+        self.total = torch.zeros(B, T, device=h.device)  # Σ of the halting weights so far
+        self.steps = torch.zeros(B, T, device=h.device)  # N + 1, the steps taken
+        self.remainder = torch.zeros(B, T, device=h.device)  # R
+        self.out = torch.zeros(h.shape, device=h.device)  # Σ_s p_s h_s: what the coda reads
+
+    @classmethod
+    def loop(cls, model, h, depth, cos_sin, kv, step):
+        """Ouroboros.forward's loop with halting: the state the coda reads. model.last_halting
+        keeps the steps each position took and its ponder cost."""
+        halting = cls(h)
+        for s in range(depth):
+            cache = next(kv)
+            if not halting.running.any():  # every position has halted
+                if cache is None:  # nobody attends to the steps left
+                    break
+                cls.skip(model, h, s, cos_sin, cache)  # a later token will attend to them
+                continue
+            h = halting.update(h, step(h, s, cos_sin, cache), s, depth, model.halt)
+        h, model.last_halting, halting.out = halting.out.to(h.dtype), halting, None
+        return h
+
+    def update(self, h, h_new, s, depth, head):
+        """The state after step s: h_new where the position runs, h (carried) where it halted."""
+        running = self.running
+        h = torch.where(running[..., None], h_new, h)
+        lam = torch.sigmoid(head(h).float())[..., 0]  # λ_s (B, T)
+        stop = running & ((self.total + lam >= 1 - self.eps) | (s == depth - 1))
+        p = torch.where(stop, 1 - self.total, lam) * running  # p_s: λ_s, or R where it stops, 0 if halted
+        self.out = self.out + p[..., None] * h
+        self.remainder = torch.where(stop, p, self.remainder)
+        self.total, self.steps, self.running = self.total + p, self.steps + running, running & ~stop
+        return h
+
+    @staticmethod
+    def skip(model, h, s, cos_sin, cache):
+        """Step s of positions that all halted: only their K/V, for later tokens to attend to
+        (and the causal pool's running sum); their state is carried unchanged."""
+        x = model.layer.input_layernorm(h)
+        model.layer.self_attn.keys_values(x, cos_sin, cache, model.modulation(h, s, cache))
+
+    @property
+    def ponder(self):
+        return self.steps + self.remainder  # ρ = (N + 1) + R, per position
+
+# ----------------------------------------------------------------------------------------
+# Beyond the paper: coda adapters
+
+
+class Adapter(nn.Module):
+    """Beyond the paper, coda adaptation: ΔW_t = (α/r) B_t A_t on the 7 projections of one coda
+    layer. The coda was trained on the output of the layers that are gone; this lets it adapt.
+    B_t = 0 at initialisation, so a fresh model is unchanged; A_t ~ N(0, 1/in), LoRA-like.
+
+    It hangs on the projections it adapts, as forward hooks (y += (α/r)(x A_tᵀ) B_tᵀ), that act
+    only while Ouroboros.forward runs the coda (Adapter.acting): the baseline runs the same
+    layers without them."""
+
+    def __init__(self, layer, rank, alpha):
+        super().__init__()
+        shapes = [layer.get_submodule(t).weight.shape for t in TARGETS]  # (out, in) of each target
+        self.A = nn.ParameterList([nn.Parameter(torch.randn(rank, i) / i ** 0.5) for _, i in shapes])
+        self.B = nn.ParameterList([nn.Parameter(torch.zeros(o, rank)) for o, _ in shapes])
+        self.scale = alpha / rank
+        self.on = False
+        for t, name in enumerate(TARGETS):
+            layer.get_submodule(name).register_forward_hook(partial(self.hook, t))
+
+    def forward(self, x, t):
+        return self.scale * (x @ self.A[t].T) @ self.B[t].T
+
+    def hook(self, t, projection, inputs, y):
+        return y + self(inputs[0], t) if self.on else None  # None: y as it is
+
+    @classmethod
+    def on_coda(cls, model, rank, alpha):
+        """Ouroboros.adapters: one Adapter per coda layer, under the layer's number."""
+        most = min(min(model.layer.get_submodule(t).weight.shape) for t in TARGETS)
+        if not 0 <= rank <= most:
+            raise ValueError(f"coda_rank {rank} is out of range: use 0 (no adapters) to {most}")
+        if not model.coda:
+            raise ValueError(f"coda_rank {rank} with coda=0: there is no coda layer to adapt")
+        return nn.ModuleDict({str(i): cls(model.base.model.layers[str(i)], rank, alpha) for i in model.coda})
+
+    @staticmethod
+    @contextlib.contextmanager
+    def acting(adapters):
+        """The context in which the adapters act (None: there are none)."""
+        adapters = list(adapters.values()) if adapters is not None else []
+        for adapter in adapters:
+            adapter.on = True
+        try:
+            yield
+        finally:
+            for adapter in adapters:
+                adapter.on = False
+
+
+# ----------------------------------------------------------------------------------------
+# FLOPs per token: the model FLOPs of MFU, and what a decoded token costs
+
+
+def weight_counts(model):
+    """Weights of layer R's matrices, of the LoRA bases it applies (none for the loop alone), and of
+    the coda adapters."""
+    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
+    lora = sum(b.numel() for b in model.layer.buffers()) if model.controller is not None else 0
+    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
+    return layer, lora, adapters
+
+
+def flops_per_token(model, depth, T):
+    """Model FLOPs per trained token, for MFU. As in PaLM, recomputation is not counted:
+    --checkpointing costs time but no model FLOPs. A matmul with N weights costs 2N per token
+    forward; backward, 2N for its input's gradient and 2N for its weights'. Frozen weights get
+    no weight gradient:
+        prelude (no autograd)                      2 N_layer P
+        loop, coda, lm_head (frozen)               4 (N_layer + N_lora) depth + 4 N_layer C + 4 d V
+        Controller, gate, halting head (trained)   6 N_train depth
+        coda adapters (trained)                    6 N_adapters
+        attention QKᵀ and AV (no causal halving)   4 T d per call forward, twice that backward
+    N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected.
+    Pretraining (every weight trains): 6 N per token for the N weights of the matrices, plus attention."""
+    cfg = model.cfg
+    attn = 4 * T * cfg.hidden_size
+    if not isinstance(model, Ouroboros):  # the embedding is a lookup, but when tied it is also the head
+        matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
+        return 6 * (matrices + cfg.tie_word_embeddings * cfg.vocab_size * cfg.hidden_size) + \
+            3 * attn * cfg.num_hidden_layers
+    P, C = len(model.prelude), len(model.coda)
+    layer, lora, adapters = weight_counts(model)
+    train = sum(m.weight.numel() for m in model.modules()
+                if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
+    return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
+            + C * (4 * layer + 3 * attn) + 6 * adapters + 4 * cfg.hidden_size * cfg.vocab_size)
+
+
+def forward_flops(model, steps, depth):
+    """Forward FLOPs per token of Ouroboros when a token takes `steps` of `depth` loop steps (a
+    mean, with halting): 2 per weight of each matmul it needs; attention scores left out. A step
+    that a halted token skips still costs its K and V (with their LoRA) and the Controller: what
+    later tokens attend to. The batched training and evaluation passes compute every step (masked);
+    this is what a token costs when decoding."""
+    layer, lora, adapters = weight_counts(model)
+    attn = model.layer.self_attn
+    kv = sum(m.weight.numel() + bool(lora) * (m.lora_A.numel() + m.lora_B.numel())
+             for m in (attn.k_proj, attn.v_proj))
+    linears = lambda module: sum(m.weight.numel() for m in module.modules()  # noqa: E731
+                                 if isinstance(m, torch.nn.Linear))
+    # The Controller runs per token with the causal pool; the mean pool runs it once per sequence.
+    ctrl = linears(model.controller) if model.controller is not None and model.pool == "causal" else 0
+    trained = ctrl + sum(linears(m) for m in (model.gate, model.halt) if m is not None)
+    head = model.cfg.hidden_size * model.cfg.vocab_size
+    return 2 * ((len(model.prelude) + len(model.coda)) * layer + adapters + head
+                + steps * (layer + lora + trained) + (depth - steps) * (kv + ctrl))
+
 
 # ----------------------------------------------------------------------------------------
 # Loading: safetensors straight to the device, one tensor at a time
@@ -491,6 +921,16 @@ def write_json(file, obj):
     os.replace(f"{file}.tmp", file)
 
 
+def read_json(file, hint):
+    """A JSON file, or one line naming it: not found (with a hint how to get it), or not JSON."""
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: not found ({hint})")
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+
+
 def random_weights(cfg, device, std=0.02):
     """A stand-in for Checkpoint.read: N(0, std) for every tensor, 1 + N(0, std) for norms."""
     shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
@@ -505,308 +945,6 @@ def load_frozen(module, read, dtype):
     """Fill a module built on the meta device from read(name); every tensor frozen."""
     module.load_state_dict({name: read(name).to(dtype) for name in module.state_dict()}, assign=True)
     return module.requires_grad_(False)
-
-# ----------------------------------------------------------------------------------------
-# Surgery and SVD bases
-
-
-def split_layers(L, prelude=None, recurrent=None, coda=None):
-    """Prelude [0, P), recurrent layer R, coda [L-C, L). The paper's 8 / 18 / 8 of 36
-    layers, in the same proportions for other depths (24 layers: 5 / 12 / 5)."""
-    P = round(8 * L / 36) if prelude is None else prelude
-    C = round(8 * L / 36) if coda is None else coda
-    R = L // 2 if recurrent is None else recurrent
-    if not (0 <= P <= R < L - C and C >= 0):
-        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} is out of range for {L} layers "
-                         f"(need 0 <= prelude <= recurrent < {L} - coda)")
-    removed = [i for i in range(P, L - C) if i != R]
-    if not removed:
-        raise ValueError(f"split prelude={P}, recurrent={R}, coda={C} of {L} layers removes no layer "
-                         "(the LoRA bases are built from the removed layers)")
-    return P, R, C, removed
-
-
-def svd_basis(delta, rank):
-    """Best rank-r factors of Δ (out, in): A = Vᵀ[:r] (r, in), B = U[:, :r] diag(S[:r]) (out, r)."""
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
-    return Vh[:rank].clone(), U[:, :rank] * S[:rank]
-
-# ----------------------------------------------------------------------------------------
-# Controller: the hypernetwork that makes each recurrence step input-dependent
-# (then, beyond the paper: coda adapters and per-token halting)
-
-
-class Controller(nn.Module):
-    """c_{t,s} = H_t u,  u = SiLU(W3 SiLU(W2 [z; e_s] + b2) + b3),  z = SiLU(W1 p + b1)."""
-
-    def __init__(self, d, rank, max_steps, E):
-        super().__init__()
-        self.w1 = nn.Linear(d, 2 * E)  # W1, b1: pooled state -> z
-        self.step_embedding = nn.Embedding(max_steps, E)  # e_s
-        self.w2 = nn.Linear(3 * E, 2 * E)  # W2, b2
-        self.w3 = nn.Linear(2 * E, E)  # W3, b3
-        self.heads = nn.Linear(E, len(TARGETS) * rank, bias=False)  # H_t of the 7 targets, stacked
-        nn.init.zeros_(self.heads.weight)  # c = 0, so ΔW = 0: step s of a fresh model is the plain layer
-
-    def forward(self, p, s):
-        z = F.silu(self.w1(p))  # (B, T, 2E)
-        e = self.step_embedding.weight[s].expand(*z.shape[:-1], -1)  # (B, T, E)
-        u = F.silu(self.w3(F.silu(self.w2(torch.cat([z, e], -1)))))  # (B, T, E)
-        return self.heads(u).unflatten(-1, (len(TARGETS), -1))  # (B, T, 7, r)
-
-
-class StaticModulation(nn.Module):
-    """Ablation "static per-step LoRA": c[s, t] is a learned table that ignores the input."""
-
-    def __init__(self, rank, max_steps):
-        super().__init__()
-        self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
-
-    def forward(self, p, s):
-        return self.table[s]  # (7, r), the same for every sequence and position
-
-
-class Adapter(nn.Module):
-    """Beyond the paper, coda adaptation: ΔW_t = (α/r) B_t A_t on the 7 projections of one coda
-    layer. The coda was trained on the output of the layers that are gone; this lets it adapt.
-    B_t = 0 at initialisation, so a fresh model is unchanged; A_t ~ N(0, 1/in), LoRA-like."""
-
-    def __init__(self, layer, rank, alpha):
-        super().__init__()
-        shapes = [layer.get_submodule(t).weight.shape for t in TARGETS]  # (out, in) of each target
-        self.A = nn.ParameterList([nn.Parameter(torch.randn(rank, i) / i ** 0.5) for _, i in shapes])
-        self.B = nn.ParameterList([nn.Parameter(torch.zeros(o, rank)) for o, _ in shapes])
-        self.scale = alpha / rank
-
-    def forward(self, x, t):
-        return self.scale * (x @ self.A[t].T) @ self.B[t].T
-
-
-class Halting:
-    """Beyond the paper, per-token adaptive depth: ACT (Graves 2016, "Adaptive Computation Time")
-    over the loop, for one forward pass. After step s each position that still runs emits a
-    halting probability λ_s = σ(w · h_s + b), and it stops at the first step N where
-    λ_0 + ... + λ_N ≥ 1 - ε (or at the last step). What the coda reads is the mean of its states
-    weighted by p_s = λ_s for s < N and the remainder R = 1 - (λ_0 + ... + λ_{N-1}) at N.
-    The ponder cost ρ = (N + 1) + R: steps taken, plus R, through which λ learns to stop sooner.
-
-    A halted position's state is carried unchanged. At the steps it skips it still takes part in
-    attention: its K/V are recomputed from its carried state, with that step's modulation (what
-    the unmasked layer would give it). Training, evaluation and cached decoding all follow this
-    rule, so cached generation equals recomputation; a halted token costs K and V per skipped step."""
-    eps = 0.01
-
-    def __init__(self, h):
-        B, T, _ = h.shape
-        self.running = torch.ones(B, T, dtype=torch.bool, device=h.device)  # not yet halted
-        self.total = torch.zeros(B, T, device=h.device)  # Σ of the halting weights so far
-        self.steps = torch.zeros(B, T, device=h.device)  # N + 1, the steps taken
-        self.remainder = torch.zeros(B, T, device=h.device)  # R
-        self.out = torch.zeros(h.shape, device=h.device)  # Σ_s p_s h_s: what the coda reads
-
-    def update(self, h, h_new, s, depth, head):
-        """The state after step s: h_new where the position runs, h (carried) where it halted."""
-        running = self.running
-        h = torch.where(running[..., None], h_new, h)
-        lam = torch.sigmoid(head(h).float())[..., 0]  # λ_s (B, T)
-        stop = running & ((self.total + lam >= 1 - self.eps) | (s == depth - 1))
-        p = torch.where(stop, 1 - self.total, lam) * running  # p_s: λ_s, or R where it stops, 0 if halted
-        self.out = self.out + p[..., None] * h
-        self.remainder = torch.where(stop, p, self.remainder)
-        self.total, self.steps, self.running = self.total + p, self.steps + running, running & ~stop
-        return h
-
-    @property
-    def ponder(self):
-        return self.steps + self.remainder  # ρ = (N + 1) + R, per position
-
-# ----------------------------------------------------------------------------------------
-# The recurrent model: prelude, gated and normalised loop over layer R, coda
-
-
-class Ouroboros(nn.Module):
-    """Prelude, `depth` gated and normalised steps of the modulated layer R, coda.
-
-    Build it with from_pretrained (a checkpoint) or from_config (random frozen weights).
-    The constructor alone makes the trainables and an empty (meta) frozen trunk; `build`
-    fills the trunk and attaches the SVD bases."""
-
-    def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
-                 controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS,
-                 controller_width=128, halting=False, coda_rank=0):
-        super().__init__()
-        for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
-                                     ("pool", pool, ("causal", "mean"))):
-            if value not in allowed:
-                raise ValueError(f"{name}={value!r}: choose one of {allowed}")
-        if max_steps < 1:
-            raise ValueError(f"max_steps={max_steps} must be at least 1")
-        L, d = cfg.num_hidden_layers, cfg.hidden_size
-        P, R, C, self.removed = split_layers(L, prelude, recurrent, coda)
-        self.cfg, self.prelude, self.recurrent, self.coda = cfg, range(P), R, range(L - C, L)
-        self.options = dict(rank=rank, alpha=alpha, prelude=P, recurrent=R, coda=C, controller=controller,
-                            pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps,
-                            controller_width=controller_width, halting=halting, coda_rank=coda_rank)
-        with torch.device("meta"):  # the frozen trunk is filled from the checkpoint later
-            self.base = Qwen2(cfg, layers=[*self.prelude, R, *self.coda])
-        for t in TARGETS:
-            out, inp = self.layer.get_submodule(t).weight.shape
-            if not 1 <= rank <= min(out, inp):
-                raise ValueError(f"rank {rank} is out of range for {t} ({out} x {inp}): use 1..{min(out, inp)}")
-        self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
-        if controller == "dynamic":
-            self.controller = Controller(d, rank, max_steps, controller_width)
-        elif controller == "static":
-            self.controller = StaticModulation(rank, max_steps)
-        else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
-            self.controller = None
-        self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
-        self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
-        if gate:
-            nn.init.zeros_(self.gate.weight)
-            nn.init.constant_(self.gate.bias, -2.0)  # σ(-2) = 0.1192: 88% of h is kept at init
-        self.step_norms = nn.Parameter(torch.ones(max_steps, d)) if step_norm else None  # one RMSNorm weight per step
-        # Beyond the paper (both off by default): a halting head, and LoRA adapters on the coda.
-        self.halt = nn.Linear(d, 1) if halting else None  # λ_s = σ(w · h_s + b)
-        if halting:
-            nn.init.zeros_(self.halt.weight)
-            # λ = σ(-3) = 0.047: a fresh model runs every step up to 21 (21 σ(-3) >= 0.99), and the
-            # coda reads mostly the last state (0.86 of the mixture at depth 4)
-            nn.init.constant_(self.halt.bias, -3.0)
-        self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
-        most = min(min(self.layer.get_submodule(t).weight.shape) for t in TARGETS)
-        if not 0 <= coda_rank <= most:
-            raise ValueError(f"coda_rank {coda_rank} is out of range: use 0 (no adapters) to {most}")
-        if coda_rank and not C:
-            raise ValueError(f"coda_rank {coda_rank} with coda=0: there is no coda layer to adapt")
-        self.adapters = nn.ModuleDict({str(i): Adapter(self.base.model.layers[str(i)], coda_rank, alpha)
-                                       for i in self.coda}) if coda_rank else None
-        self.checkpointing = False  # True: recompute each step in backward instead of storing it
-
-    @property
-    def layer(self):
-        return self.base.model.layers[str(self.recurrent)]
-
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **options):
-        cfg = Qwen2Config.from_pretrained(path)
-        device, dtype = placement(device, dtype)
-        return cls.build(cfg, Checkpoint(path, cfg, device).read, device, dtype, options)
-
-    @classmethod
-    def from_config(cls, cfg, device=None, dtype=None, **options):
-        """Random frozen weights; on device="meta" nothing is allocated (for counting)."""
-        device, dtype = placement(device, dtype)
-        return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
-
-    @classmethod
-    def build(cls, cfg, read, device, dtype, options):
-        with torch.device(device):
-            model = cls(cfg, **options)  # trainables: float32, initialised on the device
-        load_frozen(model.base, read, dtype)  # only the 17 kept layers are read here
-        # SVD bases: Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32. The
-        # removed layers are streamed one tensor at a time: they are never all in memory.
-        for t in TARGETS:
-            lin = model.layer.get_submodule(t)
-            total = sum(read(f"model.layers.{i}.{t}.weight").float() for i in model.removed)
-            A, B = svd_basis(total / len(model.removed) - lin.weight.float(), model.options["rank"])
-            lin.lora_A, lin.lora_B = A.to(dtype), B.to(dtype)
-        return model
-
-    def modulation(self, h, s, cache=None):
-        """c_s, scaled by α/r: (B, T, 7, r) per position for the causal pool, (B, 1, 7, r) per
-        sequence for the mean pool, (7, r) for the static table, None with no controller."""
-        if self.controller is None:
-            return None
-        if isinstance(self.controller, StaticModulation):
-            return self.scale * self.controller(None, s)
-        if self.pool == "mean":  # the paper's: every position sees the whole sequence
-            p = h.float().mean(1, keepdim=True)  # (B, 1, d)
-        else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
-            past = cache.len if cache is not None else 0
-            running = h.float().cumsum(1)  # (B, T, d)
-            if cache is not None:
-                running = running + cache.h_sum
-                cache.h_sum = running[:, -1:]
-            p = running / torch.arange(past + 1, past + h.size(1) + 1, device=h.device)[:, None]
-        return self.scale * self.controller(p, s)
-
-    def step(self, h, s, cos_sin, cache=None):
-        """One recurrence step: modulated layer R, per-step norm, gated update."""
-        h_new = self.layer(h, cos_sin, cache, self.modulation(h, s, cache))
-        if self.step_norms is not None:
-            h_new = rms_norm(h_new, self.step_norms[s], self.cfg.rms_norm_eps)  # StepNorm_s
-        if self.gate is None:
-            return h_new
-        g = torch.sigmoid(self.gate(torch.cat([h_new, h], -1)))  # (B, T, d)
-        return g * h_new + (1 - g) * h
-
-    def skip(self, h, s, cos_sin, cache):
-        """Step s of positions that all halted: only their K/V, for later tokens to attend to
-        (and the causal pool's running sum); their state is carried unchanged."""
-        x = self.layer.input_layernorm(h)
-        self.layer.self_attn.keys_values(x, cos_sin, cache, self.modulation(h, s, cache))
-
-    def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
-        """Logits and loss after `depth` loop steps; with halting, `depth` is the most steps a
-        position may take, and self.last_halting tells how many each took."""
-        if not 1 <= depth <= self.options["max_steps"]:
-            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
-        layers, frozen = self.base.model.layers, self.base.model.norm.weight
-        kv = iter(caches) if caches else repeat(None)  # calls: prelude, each step, coda
-        # Trainables keep float32 master weights; they compute in the frozen weights' dtype.
-        with torch.autocast(frozen.device.type, frozen.dtype, enabled=frozen.dtype != torch.float32):
-            with torch.no_grad():  # the prelude is frozen and nothing before it trains
-                h, cos_sin = self.base.embed(idx, caches)
-                for i in self.prelude:
-                    h = layers[str(i)](h, cos_sin, next(kv))
-            halting = Halting(h) if self.halt is not None else None
-            for s in range(depth):
-                cache = next(kv)
-                if halting is not None and not halting.running.any():  # every position has halted
-                    if cache is None:  # nobody attends to the steps left
-                        break
-                    self.skip(h, s, cos_sin, cache)  # a later token will attend to them
-                    continue
-                if self.checkpointing and torch.is_grad_enabled():  # memory ~ one step, not depth steps
-                    h_new = checkpoint(self.step, h, s, cos_sin, cache, use_reentrant=False)
-                else:
-                    h_new = self.step(h, s, cos_sin, cache)
-                h = h_new if halting is None else halting.update(h, h_new, s, depth, self.halt)
-            if halting is not None:  # the coda reads the halting-weighted mean of the states
-                h, self.last_halting, halting.out = halting.out.to(h.dtype), halting, None
-            for i in self.coda:
-                adapter = self.adapters[str(i)] if self.adapters is not None else None
-                h = layers[str(i)](h, cos_sin, next(kv), adapter=adapter)
-            return self.base.head(h[:, -1:] if caches else h, targets, return_logits)
-
-    def baseline(self, idx, targets=None, return_logits=True):
-        """The pruned model with no loop: prelude, layer R once, coda ("17-layer baseline")."""
-        return self.base(idx, targets, return_logits=return_logits)
-
-    def named_trainable(self):
-        return [(n, p) for n, p in self.named_parameters() if not n.startswith("base.")]
-
-    def trainable_parameters(self):
-        return [p for _, p in self.named_trainable()]
-
-    def save_trainable(self, file):
-        """Trainable tensors to safetensors, with the options and config as metadata."""
-        tensors = {n: p.detach().float().cpu().contiguous() for n, p in self.named_trainable()}
-        meta = {"ouroboros": json.dumps(self.options), "config": json.dumps(asdict(self.cfg))}
-        save_atomic(tensors, file, meta)
-
-    def load_trainable(self, file):
-        options, config = read_trainable_options(file, with_config=True)
-        diff = [f"{k}: file {options.get(k)!r}, model {v!r}" for k, v in self.options.items()
-                if options.get(k) != v]
-        diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(self.cfg).items()
-                 if config.get(k) != v]
-        if diff:
-            raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
-        with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
-            for name, p in self.named_trainable():
-                p.copy_(f.get_tensor(name))
 
 
 def read_trainable_options(file, with_config=False):
@@ -826,38 +964,84 @@ def read_trainable_options(file, with_config=False):
     return (options, json.loads(meta.get("config", "{}"))) if with_config else options
 
 # ----------------------------------------------------------------------------------------
-# Generation: prefill, then one token at a time with a KV cache per attention call
+# Input checks: one line naming the file, key or value, before any expensive work
 
 
-class KVCache:
-    """Keys and values of one attention call, preallocated for max_len positions. The
-    looped layer gets one per recurrence step (each step attends to its own past), and
-    there the causal Controller's running sum of h rides along (h_sum)."""
+def config_from_dict(cls, raw, source):
+    """Qwen2Config.from_dict: refuse what this file does not implement, in one line."""
+    def refuse(what):
+        raise ValueError(f"{source}: {what} is not supported (supported: model_type 'qwen2' "
+                         "with SiLU, full attention in every layer and unscaled RoPE)")
+    if raw.get("model_type") != "qwen2":
+        refuse(f"model_type {raw.get('model_type')!r}")
+    if raw.get("hidden_act", "silu") != "silu":
+        refuse(f"hidden_act {raw['hidden_act']!r}")
+    if raw.get("use_sliding_window") or "sliding_attention" in (raw.get("layer_types") or ()):
+        refuse("sliding-window attention")
+    rope = raw.get("rope_parameters") or {}  # transformers 5.x spelling
+    if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
+        refuse(f"rope scaling {raw.get('rope_scaling') or rope}")
+    raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
+           "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
+    for f in fields(cls):
+        if f.default is MISSING and raw.get(f.name) is None:
+            raise ValueError(f"{source}: key {f.name!r} is missing")
+    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+    if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
+        refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
+    return cfg
 
-    def __init__(self, max_len):
-        self.max_len, self.len, self.k, self.v, self.h_sum = max_len, 0, None, None, 0.0
 
-    def update(self, k, v):  # k, v: (B, n_kv, T, hd) of the new positions
-        B, n_kv, T, hd = k.shape
-        if (T > 1 and self.len) or self.len + T > self.max_len:
-            raise ValueError(f"KV cache: {T} new positions after {self.len} (room for {self.max_len}); "
-                             "prefill an empty cache, then add one position at a time")
-        if self.k is None:
-            self.k, self.v = k.new_empty(B, n_kv, self.max_len, hd), v.new_empty(B, n_kv, self.max_len, hd)
-        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, n_kv, len, hd)
+def check_config(cfg):
+    """Qwen2Config.__post_init__: heads that split the hidden size into even halves, and query
+    heads in whole groups per key/value head."""
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 2:
+        raise ValueError(f"hidden_size {cfg.hidden_size} must split into "
+                         f"{cfg.num_attention_heads} heads of even size")
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(f"num_attention_heads {cfg.num_attention_heads} is not a multiple "
+                         f"of num_key_value_heads {cfg.num_key_value_heads}")
 
 
-def sample(logits, temperature=1.0, top_k=None):
-    """Next ids (B, 1) from last-position logits (B, vocab); temperature 0 or top_k 1 is greedy."""
-    if temperature == 0 or top_k == 1:
-        return logits.argmax(-1, keepdim=True)
-    logits = logits.float() / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]  # (B, 1)
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, -1), 1)
+def check_ids(ids, vocab_size, what, ignore=None):
+    """A one-line error naming an id outside 0..vocab_size-1 (ids equal to `ignore` pass), with one
+    host sync, rather than an index error from deep inside torch."""
+    lo, hi = (ids if ignore is None else ids.masked_fill(ids == ignore, 0)).aminmax()
+    if ((lo < 0) | (hi >= vocab_size)).item():
+        raise ValueError(f"{what} id {(lo if lo < 0 else hi).item()} is outside the vocabulary 0..{vocab_size - 1}"
+                         + (f" (and is not {ignore})" if ignore is not None else ""))
+
+
+def check_idx(idx, vocab_size):
+    """Qwen2.embed's input: a non-empty (batch, time) tensor of ids in the vocabulary."""
+    if idx.dim() != 2 or idx.numel() == 0:
+        raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
+    check_ids(idx, vocab_size, "token")
+
+
+def check_targets(targets, h, vocab_size):
+    """Qwen2.head's targets: one per position, each in the vocabulary or -100 (not counted)."""
+    if targets.shape != h.shape[:2]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
+    check_ids(targets, vocab_size, "target", ignore=-100)
+
+
+def check_options(controller, pool, max_steps):
+    """The options of Ouroboros that need no weights."""
+    for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
+                                 ("pool", pool, ("causal", "mean"))):
+        if value not in allowed:
+            raise ValueError(f"{name}={value!r}: choose one of {allowed}")
+    if max_steps < 1:
+        raise ValueError(f"max_steps={max_steps} must be at least 1")
+
+
+def check_rank(layer, rank):
+    """A LoRA rank that each target of the looped layer can have (at most its smaller side)."""
+    for t in TARGETS:
+        out, inp = layer.get_submodule(t).weight.shape
+        if not 1 <= rank <= min(out, inp):
+            raise ValueError(f"rank {rank} is out of range for {t} ({out} x {inp}): use 1..{min(out, inp)}")
 
 
 def check_generation(cfg, n_prompt, max_new_tokens, temperature=1.0, top_k=None):
@@ -873,29 +1057,17 @@ def check_generation(cfg, n_prompt, max_new_tokens, temperature=1.0, top_k=None)
                          f"the model's {cfg.max_position_embeddings} positions")
 
 
-@torch.no_grad()
-def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
-    """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
+def check_prompt(model, idx, max_new_tokens, temperature, top_k):
+    """stream's request: a (batch, time) prompt that fits, and a model that can decode."""
     if idx.dim() != 2:
         raise ValueError(f"the prompt must be a (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
     check_generation(model.cfg, idx.size(1), max_new_tokens, temperature, top_k)
-    if isinstance(model, Ouroboros):
-        if model.pool == "mean":
-            raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
-                             "of all earlier positions (train with pool='causal')")
-        n_calls, run = len(model.prelude) + depth + len(model.coda), lambda x, kv: model(x, depth, caches=kv)
-    else:
-        n_calls, run = len(model.model.layers), lambda x, kv: model(x, caches=kv)
-    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(n_calls)]
-    x = idx
-    for _ in range(max_new_tokens):
-        x = sample(run(x, caches)[0][:, -1], temperature, top_k)  # (B, 1)
-        yield x
+    if isinstance(model, Ouroboros) and model.pool == "mean":
+        raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
+                         "of all earlier positions (train with pool='causal')")
 
-
-def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
-    """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
-    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k)], 1)
+# ----------------------------------------------------------------------------------------
+# Command line: generate text
 
 
 def main(argv=None):

@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 
 import ouroboros as ob
 import train
-from data import prepare
+from data import prepare, stdlib
 from experiments import miniature
 
 HERE = Path(__file__).parent
@@ -761,7 +761,7 @@ def test_halting_is_causal_and_tokens_take_different_depths(tiny):
 
 
 @pytest.mark.parametrize("B", [1, 3])
-def test_cached_greedy_with_halting_equals_recomputation(tiny, B):
+def test_cached_greedy_with_halting_equals_recomputation(tiny, B, monkeypatch):
     """A halted token's state is carried, and its K/V at the steps it skips are recomputed from it;
     decoding one token at a time takes the skip path (K/V only) once every row has halted."""
     model = halting_model(tiny)
@@ -773,8 +773,8 @@ def test_cached_greedy_with_halting_equals_recomputation(tiny, B):
         model(expected, depth=6)
     assert len(model.last_halting.steps.unique()) > 1
     skipped = []
-    original = model.skip
-    model.skip = lambda *a: (skipped.append(1), original(*a))
+    original = ob.Halting.skip
+    monkeypatch.setattr(ob.Halting, "skip", staticmethod(lambda *a: (skipped.append(1), original(*a))))
     assert torch.equal(ob.generate(model, prompt, 12, depth=6, top_k=1), expected)
     assert skipped  # the K/V-only path ran and agreed
 
@@ -782,7 +782,7 @@ def test_cached_greedy_with_halting_equals_recomputation(tiny, B):
 def test_forward_flops_is_what_a_decoded_token_that_halts_costs(tiny):
     """A token that halts at once (λ = σ(6)) with at most 4 steps runs step 0 and, at steps 1-3,
     only its K/V and the Controller: torch's count of that decode call's matmuls is
-    train.forward_flops(model, 1, 4), give or take the attention scores over the 8 cached positions
+    ob.forward_flops(model, 1, 4), give or take the attention scores over the 8 cached positions
     (which the formula leaves out). A token that ran all 4 steps would cost more."""
     from torch.utils.flop_counter import FlopCounterMode
     model = halting_model(tiny, bias=6.0)
@@ -793,8 +793,8 @@ def test_forward_flops_is_what_a_decoded_token_that_halts_costs(tiny):
         with FlopCounterMode(display=False) as counter:
             model(prompt[:, :1], 4, caches=caches)
     scores = 4 * TINY.hidden_size * 8 * (len(model.prelude) + 1 + len(model.coda))
-    assert 0 <= counter.get_total_flops() - train.forward_flops(model, 1, 4) <= scores
-    assert train.forward_flops(model, 4, 4) > train.forward_flops(model, 1, 4) + scores
+    assert 0 <= counter.get_total_flops() - ob.forward_flops(model, 1, 4) <= scores
+    assert ob.forward_flops(model, 4, 4) > ob.forward_flops(model, 1, 4) + scores
 
 
 def test_coda_adapters_leave_a_fresh_model_unchanged_and_the_baseline_alone(tiny):
@@ -1186,7 +1186,7 @@ def test_flops_per_token_matches_torch_flop_counter(demo):
         with FlopCounterMode(display=False) as counter:
             model(x, 3, x)[1].backward()
         recomputed = checkpointing * steps.get_total_flops()
-        formula = train.flops_per_token(model, 3, 32) * x.numel()
+        formula = ob.flops_per_token(model, 3, 32) * x.numel()
         assert 1.0 <= formula / (counter.get_total_flops() - recomputed) < 1.05, checkpointing
 
 
@@ -1229,8 +1229,8 @@ def test_adaptive_depth_and_coda_adapters_train_and_report_depth_and_flops(tmp_p
     for s in ("train", "held-out"):
         d = res["mean depth"][s]
         assert 1 <= d < 4
-        assert res["forward GFLOP per token"][s] == pytest.approx(train.forward_flops(model, d, 4) / 1e9)
-    assert train.forward_flops(model, 1, 4) < train.forward_flops(model, 4, 4)
+        assert res["forward GFLOP per token"][s] == pytest.approx(ob.forward_flops(model, d, 4) / 1e9)
+    assert ob.forward_flops(model, 1, 4) < ob.forward_flops(model, 4, 4)
     text = subprocess.run([sys.executable, "ouroboros.py", "--model", str(demo[0]), "--trained",
                            str(tmp_path / "ouroboros.safetensors"), "--prompt", "def", "--max-new-tokens", "5"],
                           cwd=HERE, capture_output=True, text=True)
@@ -1507,7 +1507,7 @@ def test_demo_runs_on_a_pretrained_base_and_caches_it(tmp_path, capsys, monkeypa
     """The demo at the smoke budget of the miniature study: a base pretrained on the standard
     library, then Ouroboros on it, ending in the table of baseline, full and ours. A second run
     reuses the base (pretrained once) and replaces its own previous run instead of refusing it."""
-    monkeypatch.setattr(miniature, "DEMO", miniature.QUICK)
+    monkeypatch.setattr(stdlib, "DEMO", miniature.QUICK)
     argv = ["--demo", "--out", str(tmp_path), "--steps", "3", "--warmup", "1", "--seq-len", "32", "--eval-batches", "2"]
     train.main(argv)
     res = json.loads((tmp_path / "ouroboros" / "results.json").read_text())

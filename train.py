@@ -14,8 +14,12 @@ In --out: metrics.jsonl (a line per step), ouroboros.safetensors (Ouroboros.load
 reads it), optimizer.safetensors + state.json (for --resume), results.json (the final table).
 With --pretrain, --out is a Hugging Face checkpoint instead: config.json, model.safetensors
 and tokenizer.json, which Qwen2.from_pretrained and Ouroboros.from_pretrained load.
+
+Reading order: options → data → the schedule, setup and the loop → the final table; then the
+checks, checkpoints and resume, and the demo's base.
 """
 import argparse
+import contextlib
 import datetime
 import json
 import math
@@ -33,9 +37,8 @@ import torch.distributed as dist
 from safetensors import SafetensorError, safe_open
 
 import ouroboros as ob
-from data import prepare
+from data import prepare, stdlib
 
-MAX_STEPS = 64  # the Controller's step table: --depth can be 1..64
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per GPU (SXM)
 # What a run learns depends on every option but these; a resume may change them freely (and
 # --steps may grow: the run goes on, the cosine stretched to the new end).
@@ -58,8 +61,8 @@ def depth_list(text):
     return [int(d) for d in text.split(",")]
 
 
-# --demo: a small Qwen2 pretrained on local text (the miniature study's first stages), then 100
-# updates of Ouroboros on it; each --demo replaces the previous one's run (the base is kept).
+# --demo: a small Qwen2 pretrained on local text (data/stdlib.py), then 100 updates of
+# Ouroboros on it; each --demo replaces the previous one's run (the base is kept).
 DEMO = dict(out="out/demo", device="cpu", steps=100, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
             warmup=10, eval_every=25, eval_batches=8, eval_full=True, overwrite=True)
 
@@ -125,60 +128,11 @@ def model_options(a):
     """Ouroboros's options from train.py's: vars(args), or the options saved in state.json."""
     return dict(rank=a["rank"], alpha=a["alpha"], prelude=a["prelude"], recurrent=a["recurrent"], coda=a["coda"],
                 controller=a["controller"], pool=a["pool"], gate=not a["no_gate"], step_norm=not a["no_step_norm"],
-                max_steps=MAX_STEPS, controller_width=a["controller_width"], halting=a["ponder_cost"] is not None,
-                coda_rank=a["coda_rank"])
-
-
-def check_options(args):
-    """Everything that can be refused without weights, in one line naming the flag and value."""
-    for a, b in (("demo", "benchmark"), ("demo", "pretrain"), ("benchmark", "pretrain"), ("demo", "resume"),
-                 ("resume", "overwrite"), ("pretrain", "eval_full")):
-        if getattr(args, a) and getattr(args, b):
-            raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
-    if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
-        raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
-                         "are Ouroboros options")
-    for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
-        if not 1 <= depth <= MAX_STEPS:
-            raise ValueError(f"depth {depth} is outside 1..{MAX_STEPS} (the Controller's step table)")
-    for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"), ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
-                           ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
-                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
-                           ("ponder_cost", args.ponder_cost is None or 0 <= args.ponder_cost < math.inf, ">= 0 and finite"),
-                           ("coda_rank", args.coda_rank >= 0, ">= 0")):
-        if not ok:
-            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
-    prepare.check_out(args.out, "--out")
+                max_steps=ob.MAX_STEPS, controller_width=a["controller_width"],
+                halting=a["ponder_cost"] is not None, coda_rank=a["coda_rank"])
 
 # ----------------------------------------------------------------------------------------
 # Data: random windows of the token files, each batch a pure function of its key
-
-
-def load_data(args, cfg, rank, world):
-    """This rank's share of train.bin and val.bin, once they are known to fit this model."""
-    data = Path(args.data)
-    meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
-                        f"--out {data}; see the README's Data section")
-    sha = prepare.load_tokenizer(args.model)[2]
-    if meta.get("tokenizer_sha256") != sha:
-        raise ValueError(f"{data}/meta.json: made with another tokenizer (sha256 {meta.get('tokenizer_sha256')}, "
-                         f"{args.model}/tokenizer.json is {sha}): prepare the data again")
-    if meta.get("vocab_size", math.inf) > cfg.vocab_size:
-        raise ValueError(f"{data}/meta.json: vocab_size {meta.get('vocab_size')} exceeds the model's "
-                         f"{cfg.vocab_size}")
-    splits = {}
-    for split in ("train", "val"):
-        file, n = data / f"{split}.bin", meta.get(f"{split}_tokens", 0)
-        if file.stat().st_size != 4 * n:
-            raise ValueError(f"{file}: {file.stat().st_size:,} bytes, but meta.json says {n:,} uint32 tokens "
-                             "(truncated? prepare the data again)")
-        tokens = np.memmap(file, dtype=np.uint32, mode="r")
-        part = tokens[rank * len(tokens) // world:(rank + 1) * len(tokens) // world]  # each rank its own part
-        if len(part) <= args.seq_len:
-            raise ValueError(f"{data}/{split}.bin: {len(part):,} tokens{' per rank' * (world > 1)} are too "
-                             f"few for --seq-len {args.seq_len} (+1 for the shifted targets)")
-        splits[split] = part
-    return splits
 
 
 def get_batch(tokens, args, key, micro, device):
@@ -213,145 +167,6 @@ def evaluate(loss_fn, tokens, args, stream, rank, world, device):
     return mean_over_ranks(torch.stack(losses).float().mean(), world).item()
 
 # ----------------------------------------------------------------------------------------
-# Cost: FLOPs per token for MFU, peak memory
-
-
-def weight_counts(model):
-    """Weights of layer R's matrices, of the LoRA bases it applies (none for the loop alone), and of
-    the coda adapters."""
-    layer = sum(p.numel() for p in model.layer.parameters() if p.dim() == 2)
-    lora = sum(b.numel() for b in model.layer.buffers()) if model.controller is not None else 0
-    adapters = sum(p.numel() for p in model.adapters.parameters()) if model.adapters is not None else 0
-    return layer, lora, adapters
-
-
-def flops_per_token(model, depth, T):
-    """Model FLOPs per trained token, for MFU. As in PaLM, recomputation is not counted:
-    --checkpointing costs time but no model FLOPs. A matmul with N weights costs 2N per token
-    forward; backward, 2N for its input's gradient and 2N for its weights'. Frozen weights get
-    no weight gradient:
-        prelude (no autograd)                      2 N_layer P
-        loop, coda, lm_head (frozen)               4 (N_layer + N_lora) depth + 4 N_layer C + 4 d V
-        Controller, gate, halting head (trained)   6 N_train depth
-        coda adapters (trained)                    6 N_adapters
-        attention QKᵀ and AV (no causal halving)   4 T d per call forward, twice that backward
-    N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms are neglected.
-    Pretraining (every weight trains): 6 N per token for the N weights of the matrices, plus attention."""
-    cfg = model.cfg
-    attn = 4 * T * cfg.hidden_size
-    if not isinstance(model, ob.Ouroboros):  # the embedding is a lookup, but when tied it is also the head
-        matrices = sum(p.numel() for n, p in model.named_parameters() if p.dim() == 2 and "embed" not in n)
-        return 6 * (matrices + cfg.tie_word_embeddings * cfg.vocab_size * cfg.hidden_size) + \
-            3 * attn * cfg.num_hidden_layers
-    P, C = len(model.prelude), len(model.coda)
-    layer, lora, adapters = weight_counts(model)
-    train = sum(m.weight.numel() for m in model.modules()
-                if isinstance(m, torch.nn.Linear) and m.weight.requires_grad)
-    return (P * (2 * layer + attn) + depth * (4 * (layer + lora) + 6 * train + 3 * attn)
-            + C * (4 * layer + 3 * attn) + 6 * adapters + 4 * cfg.hidden_size * cfg.vocab_size)
-
-
-def forward_flops(model, steps, depth):
-    """Forward FLOPs per token of Ouroboros when a token takes `steps` of `depth` loop steps (a
-    mean, with halting): 2 per weight of each matmul it needs; attention scores left out. A step
-    that a halted token skips still costs its K and V (with their LoRA) and the Controller: what
-    later tokens attend to. The batched training and evaluation passes compute every step (masked);
-    this is what a token costs when decoding."""
-    layer, lora, adapters = weight_counts(model)
-    attn = model.layer.self_attn
-    kv = sum(m.weight.numel() + bool(lora) * (m.lora_A.numel() + m.lora_B.numel()) for m in (attn.k_proj, attn.v_proj))
-    linears = lambda module: sum(m.weight.numel() for m in module.modules() if isinstance(m, torch.nn.Linear))  # noqa: E731
-    # The Controller runs per token with the causal pool; the mean pool runs it once per sequence.
-    ctrl = linears(model.controller) if model.controller is not None and model.pool == "causal" else 0
-    trained = ctrl + sum(linears(m) for m in (model.gate, model.halt) if m is not None)
-    return 2 * ((len(model.prelude) + len(model.coda)) * layer + adapters + model.cfg.hidden_size * model.cfg.vocab_size
-                + steps * (layer + lora + trained) + (depth - steps) * (kv + ctrl))
-
-
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident set (KiB on Linux)
-
-# ----------------------------------------------------------------------------------------
-# Checkpoints: safetensors and JSON, no pickles; each file written to .tmp, then renamed
-
-
-def trainables(model):
-    """(name, tensor) of what trains: Ouroboros's additions, or every weight when pretraining."""
-    return model.named_trainable() if isinstance(model, ob.Ouroboros) else list(model.named_parameters())
-
-
-def save(out, model, opt, state):
-    """Optimizer state, weights, then state.json last: a resume checks that the three agree."""
-    names = [n for n, _ in trainables(model)]
-    moments = {f"{names[i]}.{k}": v.cpu() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    ob.save_atomic(moments, out / "optimizer.safetensors", {"step": str(state["step"])})
-    if isinstance(model, ob.Ouroboros):
-        model.save_trainable(out / "ouroboros.safetensors")
-    else:  # pretraining: --out is a Hugging Face checkpoint (its tokenizer.json was copied at the start)
-        model.save_pretrained(out)
-    ob.write_json(out / "state.json", state)
-
-
-SAVED = ("state.json", "optimizer.safetensors", "ouroboros.safetensors", "model.safetensors")  # a run's files
-
-
-def saved_run(args, run):
-    """The state.json of the run in --out, checked against this command before anything is loaded.
-    Without --resume, files of a run are refused (rerunning a command must not erase a run, nor
-    --out point at a model); with it, the options must be the same, and --steps may only grow."""
-    out, file = Path(args.out), Path(args.out) / "state.json"
-    if not args.resume:
-        found = next((out / f for f in SAVED if (out / f).is_file()), None)
-        if found and not args.overwrite:
-            raise ValueError(f"{found}: a run is saved in {out}; continue it with --resume (and a larger "
-                             "--steps to go further), or give another --out, or --overwrite to start afresh")
-        return None
-    state = ob.read_json(file, "no checkpoint to resume: run without --resume")
-    saved = saved_options(state)
-    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
-    if diff:
-        raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
-    if args.steps <= state["step"]:
-        raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
-                         "give a larger --steps to continue it")
-    return state
-
-
-def saved_options(state):
-    """The options of a saved run (state.json); an option added since the save had its default."""
-    return {**vars(parse_args([])), **state["options"]}
-
-
-def restore(out, model, opt, state):
-    """Trainables and AdamW moments of the saved run (pretraining: the weights were loaded from --out)."""
-    if isinstance(model, ob.Ouroboros):
-        model.load_trainable(out / "ouroboros.safetensors")
-    try:
-        with safe_open(out / "optimizer.safetensors", framework="pt", device="cpu") as f:
-            if f.metadata().get("step") != str(state["step"]):
-                raise ValueError(f"{out}/optimizer.safetensors: step {f.metadata().get('step')}, state.json "
-                                 f"says {state['step']} (interrupted while saving)")
-            sd = opt.state_dict()  # AdamW per tensor: step, exp_avg, exp_avg_sq
-            sd["state"] = {i: {k: f.get_tensor(f"{n}.{k}") for k in ("step", "exp_avg", "exp_avg_sq")}
-                           for i, (n, _) in enumerate(trainables(model))}
-    except SafetensorError as e:
-        raise ValueError(f"{out}/optimizer.safetensors: unreadable ({e})") from None
-    opt.load_state_dict(sd)
-
-
-def start_metrics(out, start):
-    """metrics.jsonl keeps the lines of steps 1..start (line k is step k: those of the saved run) and
-    is appended to. Lines logged after the last save (a half-written one too, if the process was
-    killed) are dropped: the resumed run logs those steps again."""
-    file, lines = out / "metrics.jsonl", []
-    if start and file.is_file():
-        lines = file.read_text().splitlines(keepends=True)[:start]
-    Path(f"{file}.tmp").write_text("".join(lines))
-    os.replace(f"{file}.tmp", file)
-
-# ----------------------------------------------------------------------------------------
 # Training: the schedule, setup, the loop, the final table
 
 
@@ -363,10 +178,6 @@ def get_lr(step, args):
     return args.min_lr + 0.5 * (args.lr - args.min_lr) * (1 + math.cos(math.pi * progress))
 
 
-def show(value, spec):
-    return "-" if value is None else format(value, spec)
-
-
 def setup(args, log, device, world, rank):
     """Checks, data, model and optimizer, in that order: a bad option fails in a second, not after
     loading. Returns what the loop needs."""
@@ -374,16 +185,9 @@ def setup(args, log, device, world, rank):
     if args.demo:
         log("demo: a small Qwen2 pretrained on this Python's standard library (cached after the first run), "
             "cut 3 / 6 / 3, then Ouroboros trained on it; baseline and ours scored on held-out files")
-        from experiments import miniature
-        args.model, args.data = map(str, miniature.base(Path(args.out), miniature.DEMO, log))
+        args.model, args.data = map(str, stdlib.pretrained_base(Path(args.out), stdlib.DEMO, run_logged, log))
         args.out = str(Path(args.out) / "ouroboros")
-    if not (Path(args.model) / "config.json").is_file():
-        raise FileNotFoundError(f"{args.model}/config.json: not found (download the model: huggingface-cli "
-                                f"download Qwen/Qwen2.5-3B --local-dir {args.model}; or try --demo)")
-    cfg = ob.Qwen2Config.from_pretrained(args.model)
-    if args.seq_len > cfg.max_position_embeddings:
-        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings "
-                         f"{cfg.max_position_embeddings} of {args.model}/config.json")
+    cfg = check_model(args)
     run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
     state = None if args.benchmark else saved_run(args, run)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
@@ -409,14 +213,7 @@ def setup(args, log, device, world, rank):
     if state:
         restore(out, model, opt, state)
     if rank == 0 and not args.benchmark:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.overwrite:  # state.json first: what is left of the old run is never taken for a whole one
-            for f in SAVED:
-                (out / f).unlink(missing_ok=True)
-        start_metrics(out, state and state["step"])
-        if args.pretrain:  # the checkpoint's tokenizer is the one the data was made with
-            shutil.copyfile(Path(args.model) / "tokenizer.json", out / "tokenizer.json.tmp")
-            os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+        start_run(args, out, state)
     log(f"{sum(p.numel() for p in params):,} trainable | {tokens_per_step:,} tokens per step "
         f"({args.batch_size} x {args.seq_len} x {args.grad_accum} accumulation x {world} ranks) | {device}")
     return model, opt, splits, run, (state or {"step": 0})["step"], tokens_per_step
@@ -500,15 +297,11 @@ def train(args):
         m = dict(step=step + 1, loss=loss, vs_baseline=loss - ref["baseline"]["train"] if ref else None, lr=lr,
                  grad_norm=norm, tok_s=tokens_per_step / dt, depth=depth,
                  steps=depth if args.ponder_cost is None else steps, mem_gb=peak_memory(device) / 1e9,
-                 mfu=peak and flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
+                 mfu=peak and ob.flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
                  eta_s=(time.perf_counter() - t_start) / (step + 1 - start) * (args.steps - step - 1))
         if not args.benchmark and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
             m["val_loss"] = losses(lambda x, y: loss_of(x, args.depth, y))["held-out"]
-        log(f"step {step + 1}/{args.steps} | loss {loss:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
-            f"lr {lr:.2e} | grad {norm:.3f} | depth {depth}"
-            + (f" (took {steps:.2f})" if args.ponder_cost is not None else "") + f" | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | "
-            f"mem {m['mem_gb']:.2f} GB | ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
-            + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
+        log(log_line(m, args))
         if rank == 0 and not args.benchmark:
             with open(out / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(m) + "\n")
@@ -522,6 +315,20 @@ def train(args):
             return model
     report(args, model, history, ref, losses, loss_of, steps_taken, log, rank)
     return model
+
+
+def show(value, spec):
+    return "-" if value is None else format(value, spec)
+
+
+def log_line(m, args):
+    """step | loss | vs base | lr | grad | depth | tok/s | MFU | mem | ETA (| held-out)"""
+    return (f"step {m['step']}/{args.steps} | loss {m['loss']:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
+            f"lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | depth {m['depth']}"
+            + (f" (took {m['steps']:.2f})" if args.ponder_cost is not None else "")
+            + f" | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | mem {m['mem_gb']:.2f} GB | "
+            f"ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
+            + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
 
 
 def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
@@ -538,7 +345,7 @@ def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
     if not args.pretrain:  # the loop steps a token took (with halting: one more pass), and their cost
         res["mean depth"] = (losses(lambda x, y: (loss_of(x, args.depth, y), steps_taken())[1])
                              if args.ponder_cost is not None else dict.fromkeys(res[name], float(args.depth)))
-        res["forward GFLOP per token"] = {s: forward_flops(model, d, args.depth) / 1e9
+        res["forward GFLOP per token"] = {s: ob.forward_flops(model, d, args.depth) / 1e9
                                           for s, d in res["mean depth"].items()}
     if args.pool == "mean" and not args.pretrain:  # the same weights, pooled over the prefix only
         model.pool = "causal"  # what generation sees: the gain that is left without the future
@@ -549,7 +356,8 @@ def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
         res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
         if f:
             res["gap recovered %"] = {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b}
-    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({name}: {'' if args.pretrain else f'depth {args.depth}, '}{args.steps} steps)")
+    what = f"{name}: {'' if args.pretrain else f'depth {args.depth}, '}{args.steps} steps"
+    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({what})")
     for row, v in res.items():
         log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in ("train", "held-out")))
     if rank == 0:
@@ -557,6 +365,190 @@ def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
         res["run"] = dict(steps=args.steps, depth=args.depth, trainable=sum(p.numel() for _, p in trainables(model)),
                           tok_s=median([m["tok_s"] for m in trained]) if trained else None)
         ob.write_json(Path(args.out) / "results.json", res)
+
+
+def peak_memory(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident set (KiB on Linux)
+
+# ----------------------------------------------------------------------------------------
+# Checks: everything that can be refused without weights, in one line naming the flag and value
+
+
+def check_options(args):
+    for a, b in (("demo", "benchmark"), ("demo", "pretrain"), ("benchmark", "pretrain"), ("demo", "resume"),
+                 ("resume", "overwrite"), ("pretrain", "eval_full")):
+        if getattr(args, a) and getattr(args, b):
+            raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
+    if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
+        raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
+                         "are Ouroboros options")
+    for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
+        if not 1 <= depth <= ob.MAX_STEPS:
+            raise ValueError(f"depth {depth} is outside 1..{ob.MAX_STEPS} (the Controller's step table)")
+    for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"),
+                           ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
+                           ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
+                           ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
+                           ("ponder_cost", args.ponder_cost is None or 0 <= args.ponder_cost < math.inf,
+                            ">= 0 and finite"),
+                           ("coda_rank", args.coda_rank >= 0, ">= 0")):
+        if not ok:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
+    prepare.check_out(args.out, "--out")
+
+
+def check_model(args):
+    """--model's config.json, and a --seq-len its positions hold."""
+    if not (Path(args.model) / "config.json").is_file():
+        raise FileNotFoundError(f"{args.model}/config.json: not found (download the model: huggingface-cli "
+                                f"download Qwen/Qwen2.5-3B --local-dir {args.model}; or try --demo)")
+    cfg = ob.Qwen2Config.from_pretrained(args.model)
+    if args.seq_len > cfg.max_position_embeddings:
+        raise ValueError(f"--seq-len {args.seq_len} exceeds max_position_embeddings "
+                         f"{cfg.max_position_embeddings} of {args.model}/config.json")
+    return cfg
+
+
+def load_data(args, cfg, rank, world):
+    """This rank's share of train.bin and val.bin, once they are known to fit this model."""
+    data = Path(args.data)
+    meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
+                        f"--out {data}; see the README's Data section")
+    sha = prepare.load_tokenizer(args.model)[2]
+    if meta.get("tokenizer_sha256") != sha:
+        raise ValueError(f"{data}/meta.json: made with another tokenizer (sha256 {meta.get('tokenizer_sha256')}, "
+                         f"{args.model}/tokenizer.json is {sha}): prepare the data again")
+    if meta.get("vocab_size", math.inf) > cfg.vocab_size:
+        raise ValueError(f"{data}/meta.json: vocab_size {meta.get('vocab_size')} exceeds the model's "
+                         f"{cfg.vocab_size}")
+    splits = {}
+    for split in ("train", "val"):
+        file, n = data / f"{split}.bin", meta.get(f"{split}_tokens", 0)
+        if file.stat().st_size != 4 * n:
+            raise ValueError(f"{file}: {file.stat().st_size:,} bytes, but meta.json says {n:,} uint32 tokens "
+                             "(truncated? prepare the data again)")
+        tokens = np.memmap(file, dtype=np.uint32, mode="r")
+        part = tokens[rank * len(tokens) // world:(rank + 1) * len(tokens) // world]  # each rank its own part
+        if len(part) <= args.seq_len:
+            raise ValueError(f"{data}/{split}.bin: {len(part):,} tokens{' per rank' * (world > 1)} are too "
+                             f"few for --seq-len {args.seq_len} (+1 for the shifted targets)")
+        splits[split] = part
+    return splits
+
+# ----------------------------------------------------------------------------------------
+# Checkpoints: safetensors and JSON, no pickles; each file written to .tmp, then renamed
+
+
+def trainables(model):
+    """(name, tensor) of what trains: Ouroboros's additions, or every weight when pretraining."""
+    return model.named_trainable() if isinstance(model, ob.Ouroboros) else list(model.named_parameters())
+
+
+def save(out, model, opt, state):
+    """Optimizer state, weights, then state.json last: a resume checks that the three agree."""
+    names = [n for n, _ in trainables(model)]
+    moments = {f"{names[i]}.{k}": v.cpu() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
+    ob.save_atomic(moments, out / "optimizer.safetensors", {"step": str(state["step"])})
+    if isinstance(model, ob.Ouroboros):
+        model.save_trainable(out / "ouroboros.safetensors")
+    else:  # pretraining: --out is a Hugging Face checkpoint (its tokenizer.json was copied at the start)
+        model.save_pretrained(out)
+    ob.write_json(out / "state.json", state)
+
+
+SAVED = ("state.json", "optimizer.safetensors", "ouroboros.safetensors", "model.safetensors")  # a run's files
+
+
+def saved_run(args, run):
+    """The state.json of the run in --out, checked against this command before anything is loaded.
+    Without --resume, files of a run are refused (rerunning a command must not erase a run, nor
+    --out point at a model); with it, the options must be the same, and --steps may only grow."""
+    out, file = Path(args.out), Path(args.out) / "state.json"
+    if not args.resume:
+        found = next((out / f for f in SAVED if (out / f).is_file()), None)
+        if found and not args.overwrite:
+            raise ValueError(f"{found}: a run is saved in {out}; continue it with --resume (and a larger "
+                             "--steps to go further), or give another --out, or --overwrite to start afresh")
+        return None
+    state = ob.read_json(file, "no checkpoint to resume: run without --resume")
+    saved = saved_options(state)
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
+    if diff:
+        raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
+    if args.steps <= state["step"]:
+        raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
+                         "give a larger --steps to continue it")
+    return state
+
+
+def saved_options(state):
+    """The options of a saved run (state.json); an option added since the save had its default."""
+    return {**vars(parse_args([])), **state["options"]}
+
+
+def restore(out, model, opt, state):
+    """Trainables and AdamW moments of the saved run (pretraining: the weights were loaded from --out)."""
+    if isinstance(model, ob.Ouroboros):
+        model.load_trainable(out / "ouroboros.safetensors")
+    try:
+        with safe_open(out / "optimizer.safetensors", framework="pt", device="cpu") as f:
+            if f.metadata().get("step") != str(state["step"]):
+                raise ValueError(f"{out}/optimizer.safetensors: step {f.metadata().get('step')}, state.json "
+                                 f"says {state['step']} (interrupted while saving)")
+            sd = opt.state_dict()  # AdamW per tensor: step, exp_avg, exp_avg_sq
+            sd["state"] = {i: {k: f.get_tensor(f"{n}.{k}") for k in ("step", "exp_avg", "exp_avg_sq")}
+                           for i, (n, _) in enumerate(trainables(model))}
+    except SafetensorError as e:
+        raise ValueError(f"{out}/optimizer.safetensors: unreadable ({e})") from None
+    opt.load_state_dict(sd)
+
+
+def start_run(args, out, state):
+    """--out made ready: an overwritten run's files gone, metrics.jsonl cut to the saved steps, and
+    (pretraining) the tokenizer the data was made with copied into the checkpoint."""
+    out.mkdir(parents=True, exist_ok=True)
+    if args.overwrite:  # state.json first: what is left of the old run is never taken for a whole one
+        for f in SAVED:
+            (out / f).unlink(missing_ok=True)
+    # metrics.jsonl keeps the lines of steps 1..start (line k is step k: those of the saved run) and
+    # is appended to. Lines logged after the last save (a half-written one too, if the process was
+    # killed) are dropped: the resumed run logs those steps again.
+    file, lines, start = out / "metrics.jsonl", [], state and state["step"]
+    if start and file.is_file():
+        lines = file.read_text().splitlines(keepends=True)[:start]
+    Path(f"{file}.tmp").write_text("".join(lines))
+    os.replace(f"{file}.tmp", file)
+    if args.pretrain:
+        shutil.copyfile(Path(args.model) / "tokenizer.json", out / "tokenizer.json.tmp")
+        os.replace(out / "tokenizer.json.tmp", out / "tokenizer.json")
+
+# ----------------------------------------------------------------------------------------
+# Running train.py from another script: the demo's base, and the miniature study's runs
+
+
+def run_logged(out, argv):
+    """train.py in this process, its log in out/log.txt. It resumes a run that was interrupted.
+    True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
+    t0 = time.time()
+    with open(out / "log.txt", "a", buffering=1) as f, contextlib.redirect_stdout(f):  # a line at a time
+        try:
+            main(argv)
+        except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
+            print(e.code)
+            if "stopped; the last good checkpoint" not in str(e.code):  # anything but a diverged loss
+                raise
+            (out / "diverged.txt").write_text(str(e.code))
+        finally:  # a study's wall time is the sum of these, over every invocation that ran a part
+            (out / "wall_s.txt").write_text(str(wall_s(out) + time.time() - t0))
+    return (out / "results.json").is_file()
+
+
+def wall_s(out):
+    return float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else 0.0
 
 
 def main(argv=None):

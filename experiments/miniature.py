@@ -11,6 +11,7 @@ Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue
              whole, deterministically (data/prepare.py's every-(1/f)-th rule).
   2. data    a byte-level BPE tokenizer trained on the training files, then train.bin / val.bin
   3. base    a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch: train.py --pretrain
+             (stages 1-3 are data/stdlib.py's, shared with train.py --demo)
   4. runs    every variant of the paper's tables: train.py on the base cut 3 / 6 / 3 (the paper's
              8 / 18 / 8 of 36 in proportion), all with the same steps, data order (per seed) and
              evaluation batches; the headline rows with 3 seeds. Then beyond the paper: coda
@@ -29,7 +30,7 @@ import subprocess
 import sys
 import sysconfig
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -38,31 +39,21 @@ import torch  # noqa: E402
 
 import ouroboros as ob  # noqa: E402
 import train  # noqa: E402
-from data import prepare  # noqa: E402
+from data import stdlib  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Budget:
-    config: ob.Qwen2Config  # the base to pretrain
-    every_nth_file: int  # 1: the whole corpus
-    val_fraction: float
-    pretrain: tuple  # (steps, lr, warmup, micro-batches per step) of train.py --pretrain
+class Budget(stdlib.Base):  # the base to pretrain (data/stdlib.py), then:
     steps: int  # of every Ouroboros run
     lr: float
     warmup: int
-    batch: tuple  # (sequences, tokens each) of a micro-batch: pretraining, every run and evaluation
-    eval_batches: int
-    eval_every: int
     seeds: tuple  # of the headline rows
     ranks: tuple  # the rank ablation (each must fit the base's smallest projection)
 
 
-FULL = Budget(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=12,
-                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
-                                    rope_theta=10000.0, tie_word_embeddings=True),
-              every_nth_file=1, val_fraction=0.05, pretrain=(800, 3e-3, 80, 1), steps=200, lr=2e-3, warmup=20,
-              batch=(8, 256), eval_batches=16, eval_every=40, seeds=(0, 1, 2), ranks=(8, 32))
-DEMO = replace(FULL, pretrain=(500, 3e-3, 50, 1))  # train.py --demo: a shorter pretraining, the same base
+# The demo's base, pretrained longer (800 updates, not 500).
+FULL = Budget(**vars(stdlib.DEMO) | dict(pretrain=(800, 3e-3, 80, 1)), steps=200, lr=2e-3, warmup=20,
+              seeds=(0, 1, 2), ranks=(8, 32))
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
@@ -102,75 +93,6 @@ def runs(budget):
             [(row, opts, budget.seeds[0]) for row, opts in ADAPTIVE])
 
 # ----------------------------------------------------------------------------------------
-# Stages 1-3: corpus, data, base (also train.py --demo's)
-
-
-def stdlib_files(every_nth=1):
-    """This interpreter's standard library as text files: its .py files, without the test suites
-    (whose data files are not prose or code a model should learn) and without installed packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
-    return files[::every_nth]
-
-
-def base(work, budget, log=print, corpus=None):
-    """Stages 1-3 in `work`: data/ (tokenizer, train.bin, val.bin) and base/, a Hugging Face
-    checkpoint of the pretrained Qwen2. Each is skipped when already done. Returns (base, data)."""
-    work = Path(work)
-    data, init, out = work / "data", work / "init", work / "base"
-    if not (data / "meta.json").is_file():
-        inputs = [corpus] if corpus else stdlib_files(budget.every_nth_file)
-        log(f"[data] tokenizer ({budget.config.vocab_size} tokens) and token files from "
-            f"{corpus or f'the Python {platform.python_version()} standard library ({len(inputs)} files)'}")
-        t0 = time.time()
-        prepare.prepare(inputs, None, data, budget.val_fraction, vocab_size=budget.config.vocab_size,
-                        log=lambda *a, **k: None)
-        (data / "wall_s.txt").write_text(str(time.time() - t0))
-    if not (out / "results.json").is_file():
-        init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
-        ob.write_json(init / "config.json", budget.config.to_dict())
-        shutil.copyfile(data / "tokenizer.json", init / "tokenizer.json")
-        steps, lr, warmup, accum = budget.pretrain
-        log(f"[base] pretraining {budget.config.num_hidden_layers} layers x {budget.config.hidden_size} "
-            f"for {steps} steps of {accum * budget.batch[0] * budget.batch[1]:,} tokens (log: {out}/log.txt)")
-        ok = call_train(out, ["--pretrain", "--model", str(init), "--data", str(data), "--steps", str(steps),
-                              "--lr", str(lr), "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", "0",
-                              *batch_args(budget), "--grad-accum", str(accum)])
-        if not ok:
-            sys.exit(f"error: pretraining stopped: {(out / 'log.txt').read_text().splitlines()[-1]}")
-    return out, data
-
-
-def batch_args(budget):
-    return ["--device", "cpu", "--batch-size", str(budget.batch[0]), "--seq-len", str(budget.batch[1]),
-            "--grad-accum", "1", "--eval-batches", str(budget.eval_batches), "--eval-every",
-            str(budget.eval_every), "--save-every", str(budget.eval_every)]
-
-
-def call_train(out, argv):
-    """train.py in this process, its log in out/log.txt. It resumes a run that was interrupted.
-    True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
-    out.mkdir(parents=True, exist_ok=True)
-    argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
-    t0 = time.time()
-    with open(out / "log.txt", "a", buffering=1) as f, contextlib.redirect_stdout(f):  # a line at a time
-        try:
-            train.main(argv)
-        except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
-            print(e.code)
-            if "stopped; the last good checkpoint" not in str(e.code):  # anything but a diverged loss
-                raise
-            (out / "diverged.txt").write_text(str(e.code))
-        finally:  # the study's wall time is the sum of these, over every invocation that ran a part
-            (out / "wall_s.txt").write_text(str(wall_s(out) + time.time() - t0))
-    return (out / "results.json").is_file()
-
-
-def wall_s(out):
-    return float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else 0.0
-
-# ----------------------------------------------------------------------------------------
 # Stage 4: the runs
 
 
@@ -186,9 +108,10 @@ def run_all(work, budget, base_dir, data, log):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
             log(f"[runs] {i}/{len(todo)} {row}, seed {seed}"
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
-            finished = call_train(out, ["--model", str(base_dir), "--data", str(data), "--steps", str(budget.steps),
-                                        "--lr", str(budget.lr), "--warmup", str(budget.warmup), "--seed", str(seed),
-                                        *full, *batch_args(budget), *opts])
+            finished = train.run_logged(out, ["--model", str(base_dir), "--data", str(data),
+                                              "--steps", str(budget.steps), "--lr", str(budget.lr),
+                                              "--warmup", str(budget.warmup), "--seed", str(seed),
+                                              *full, *stdlib.batch_args(budget), *opts])
             if not (finished or (out / "diverged.txt").is_file()):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             spent += cost(opts)
@@ -204,7 +127,7 @@ def slug(row):
 
 def collect(work, budget):
     """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, loop steps
-    per token and their forward FLOPs (train.forward_flops, from the run's saved options), curve."""
+    per token and their forward FLOPs (ob.forward_flops, from the run's saved options), curve."""
     records, todo = [], runs(budget)
     first = json.loads((work / "runs" / f"{slug(todo[0][0])}-seed{todo[0][2]}" / "results.json").read_text())
     for row, opts, seed in todo:
@@ -227,7 +150,7 @@ def collect(work, budget):
                                 "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
                                 "trainable": res["run"]["trainable"], "tok_s": res["run"]["tok_s"],
                                 "mean depth": depth,
-                                "forward GFLOP per token": train.forward_flops(shape, depth, res["run"]["depth"]) / 1e9,
+                                "forward GFLOP per token": ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9,
                                 "reference": {"full": f, "baseline": b}})
     return records
 
@@ -252,7 +175,8 @@ def table(records, config):
             continue
         lines.append(f"| {row} | {len(rs)} | " + " | ".join([
             cell([r["train"] for r in rs], ".4f"), cell([r["held-out"] for r in rs], ".4f"),
-            cell([r["reduction %"]["train"] for r in rs], ".1f"), cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
+            cell([r["reduction %"]["train"] for r in rs], ".1f"),
+            cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
             cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), cell([r["mean depth"] for r in rs], ".2f"),
             cell([r["forward GFLOP per token"] * 1e3 for r in rs], ".2f"), f"{rs[0]['trainable']:,}"]) + " |")
     return "\n".join(lines) + "\n"
@@ -304,7 +228,8 @@ def depth_figure(records, file):
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
     seed = min(r["seed"] for r in records)
     fixed = sorted((r["mean depth"], r["held-out"]) for r in records if r["seed"] == seed and "diverged" not in r
-                   and r["row"] in ("dynamic, depth 1", "dynamic, depth 2", "dynamic, depth 4 (ours)", "dynamic, depth 8"))
+                   and r["row"] in ("dynamic, depth 1", "dynamic, depth 2", "dynamic, depth 4 (ours)",
+                                    "dynamic, depth 8"))
     if fixed:
         ax.plot(*zip(*fixed), "o-", label="fixed depth 1, 2, 4, 8")
     for r in records:
@@ -325,8 +250,8 @@ def depth_figure(records, file):
 
 def report(work, results, budget, log, meta):
     records = collect(work, budget)
-    seconds = wall_s(work / "data") + wall_s(work / "base") + sum(wall_s(work / "runs" / f"{slug(row)}-seed{seed}")
-                                                                  for row, _, seed in runs(budget))
+    parts = [work / "data", work / "base", *(work / "runs" / f"{slug(r)}-seed{s}" for r, _, s in runs(budget))]
+    seconds = sum(train.wall_s(part) for part in parts)
     results.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
@@ -341,7 +266,7 @@ def report(work, results, budget, log, meta):
                  runs=records)
     ob.write_json(results / "miniature.json", study)
     md = table(records, budget.config)
-    (results / "miniature.md").write_text(md)
+    write_table(results / "miniature.md", md)
     log("\n" + md)
     try:
         figure(records, results / "miniature.png")
@@ -349,6 +274,20 @@ def report(work, results, budget, log, meta):
     except ImportError:
         log("the figure needs matplotlib: pip install matplotlib, then run the same command again")
     log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
+
+
+MARKS = ("<!-- table: written by experiments/miniature.py -->\n", "<!-- end of table -->")
+
+
+def write_table(file, md):
+    """The table into the report `file`, between its MARKS lines, the text around them kept as it is
+    (a file without them gets the table alone)."""
+    text = file.read_text() if file.is_file() else ""
+    if MARKS[0] in text and MARKS[1] in text.split(MARKS[0], 1)[1]:
+        head, rest = text.split(MARKS[0], 1)
+        md = head + MARKS[0] + md + MARKS[1] + rest.split(MARKS[1], 1)[1]
+    Path(f"{file}.tmp").write_text(md)
+    Path(f"{file}.tmp").replace(file)
 
 
 def cpu_name():
@@ -373,7 +312,7 @@ def main(argv=None):
     if args.fresh and work.exists():
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    base_dir, data = base(work, budget, log, args.corpus)
+    base_dir, data = stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus)
     run_all(work, budget, base_dir, data, log)
     report(work, results, budget, log, json.loads((data / "meta.json").read_text()))
 
