@@ -1624,3 +1624,36 @@ def test_benchmark_profile_counts_the_step_it_takes(tiny, capsys):
     kept, peak = (float(x.replace(",", "")) for x in re.search(
         r"kept for backward: ([\d,.]+) MB .* alive during the step: ([\d,.]+) MB", out).groups())
     assert 0 < kept <= peak and "matmul" in out and "attention" in out
+
+# ----------------------------------------------------------------------------------------
+# The GPU check (experiments/gpu.py) in its CPU smoke mode
+
+
+def test_gpu_script_smoke_mode_runs_every_stage(tmp_path):
+    """python experiments/gpu.py --smoke, as the suite's CPU stand-in for the GPU run: every stage in
+    order, each ok with every figure of the report present and plausible, in gpu.json and in gpu.md.
+    (This name must not hold the word its first stage selects with pytest -k: it would run itself.)"""
+    from experiments import gpu
+    run = subprocess.run([sys.executable, "experiments/gpu.py", "--smoke", "--results", str(tmp_path)],
+                         cwd=HERE, capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    assert all(report["environment"][k] for k in ("date", "gpu", "torch", "cuda", "cudnn", "commit"))
+    assert [s["stage"] for s in report["stages"]] == [s.name for s in gpu.STAGES]
+    table, log = (tmp_path / "gpu.md").read_text(), (tmp_path / "gpu.log").read_text()
+    for stage, done in zip(gpu.STAGES, report["stages"]):
+        assert done["status"] == "ok" and 0 < done["wall_s"] <= done["limit_s"] <= stage.limit_s, done
+        assert f"| {stage.name} | status | ok" in table and f"===== {stage.name}: " in log
+        for key, label, _ in stage.figures:
+            value = done["figures"][key]  # counts may be 0; measurements must be > 0; texts must say something
+            assert (value >= 0 if type(value) is int else value > 0 if type(value) is float else
+                    isinstance(value, str) and value), (stage.name, key, value)
+            assert f"| {stage.name} | {label} | " in table
+    figures = {s["stage"]: s["figures"] for s in report["stages"]}
+    tests = figures["cuda-tests"]
+    assert tests["failed"] == tests["errors"] == 0 and tests["passed"] + tests["skipped"] >= 2
+    assert all(figures["sdpa-kernels"][f"{backend}_{call}"].startswith(("accepted", "refused: "))
+               for backend in ("flash", "efficient") for call in ("training", "decode"))
+    assert "--compile" in figures["train-compile"]["command"] and "--checkpointing" in figures["train-deep"]["command"]
+    assert figures["decode"]["long_prompt_tokens"] > figures["decode"]["short_prompt_tokens"]
+    assert not list(tmp_path.glob("*.tmp"))  # every file renamed into place
