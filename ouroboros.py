@@ -485,13 +485,7 @@ class Ouroboros(nn.Module):
         save_atomic(tensors, file, meta)
 
     def load_trainable(self, file):
-        options, config = read_trainable_options(file, with_config=True)
-        diff = [f"{k}: file {options.get(k)!r}, model {v!r}" for k, v in self.options.items()
-                if options.get(k) != v]
-        diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(self.cfg).items()
-                 if config.get(k) != v]
-        if diff:
-            raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
+        check_trainable(file, self.options, self.cfg)  # the same options and base config
         with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
             for name, p in self.named_trainable():
                 p.copy_(f.get_tensor(name))
@@ -899,10 +893,14 @@ class Checkpoint:
 
     def read(self, name):
         f = self.open(self.where[name])
-        shape = tuple(f.get_slice(name).get_shape())
+        header = f.get_slice(name)
+        shape, dtype = tuple(header.get_shape()), header.get_dtype()  # dtype: "BF16", "F32", "I8", ...
         if shape != self.shapes[name]:
             raise ValueError(f"{self.where[name]}: tensor {name!r} has shape {shape}, "
                              f"config.json implies {self.shapes[name]}")
+        if dtype not in ("F16", "BF16", "F32", "F64"):  # an integer tensor cast to float would load silently
+            raise ValueError(f"{self.where[name]}: tensor {name!r} is {dtype}, not floating point "
+                             "(F16, BF16, F32 or F64)")
         try:
             return f.get_tensor(name)
         except SafetensorError as e:
@@ -958,10 +956,31 @@ def read_trainable_options(file, with_config=False):
         raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
     if "ouroboros" not in meta:
         raise ValueError(f"{file}: not an Ouroboros trainable file (no 'ouroboros' metadata)")
+    try:
+        saved, config = json.loads(meta["ouroboros"]), json.loads(meta.get("config", "{}"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: its metadata is not valid JSON ({e})") from None
     # An option added since the file was saved had its default value then.
     defaults = {k: p.default for k, p in inspect.signature(Ouroboros).parameters.items() if k != "cfg"}
-    options = {**defaults, **json.loads(meta["ouroboros"])}
-    return (options, json.loads(meta.get("config", "{}"))) if with_config else options
+    for k, v in saved.items():
+        if k not in defaults:
+            raise ValueError(f"{file}: unknown option {k!r} in its metadata (known: {', '.join(defaults)})")
+        kind = int if defaults[k] is None else type(defaults[k])  # None: a layer number, or the default
+        if not (is_a(v, kind) or (defaults[k] is None and v is None)):
+            raise ValueError(f"{file}: option {k!r} is {v!r} in its metadata: must be {KINDS[kind]}")
+    options = {**defaults, **saved}
+    return (options, config) if with_config else options
+
+
+def check_trainable(file, options, cfg):
+    """A trainable file saved with these options and for this base config, or one line naming
+    every difference."""
+    saved, config = read_trainable_options(file, with_config=True)
+    diff = [f"{k}: file {saved.get(k)!r}, model {v!r}" for k, v in options.items() if saved.get(k) != v]
+    diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(cfg).items()
+             if config.get(k) != v]
+    if diff:
+        raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
 
 # ----------------------------------------------------------------------------------------
 # Input checks: one line naming the file, key or value, before any expensive work
@@ -984,12 +1003,27 @@ def config_from_dict(cls, raw, source):
     raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
            "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
     for f in fields(cls):
-        if f.default is MISSING and raw.get(f.name) is None:
+        value = raw.get(f.name)
+        if f.default is MISSING and value is None:
             raise ValueError(f"{source}: key {f.name!r} is missing")
+        if value is not None and not (is_a(value, f.type) and (f.type is bool or value > 0)):
+            raise ValueError(f"{source}: key {f.name!r} is {value!r}: must be "
+                             + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0"))
     cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
     if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
         refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
     return cfg
+
+
+KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
+
+
+def is_a(value, kind):
+    """`value`, as JSON gives it, is of `kind` (int, float, bool or str): a bool is not a number, and
+    an int is a float."""
+    if kind is bool or isinstance(value, bool):
+        return kind is bool and isinstance(value, bool)
+    return isinstance(value, (int, float) if kind is float else kind) and (kind is not float or math.isfinite(value))
 
 
 def check_config(cfg):
@@ -1050,8 +1084,8 @@ def check_generation(cfg, n_prompt, max_new_tokens, temperature=1.0, top_k=None)
         raise ValueError("the prompt is empty: give at least one token")
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("temperature", temperature, 0),
                              ("top_k", top_k, 1)):
-        if value is not None and value < low:
-            raise ValueError(f"{name}={value}: must be at least {low}")
+        if value is not None and not low <= value < math.inf:  # nan too
+            raise ValueError(f"{name}={value}: must be at least {low}" + ("" if math.isfinite(value) else " and finite"))
     if n_prompt + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's {cfg.max_position_embeddings} positions")
@@ -1101,6 +1135,8 @@ def main(argv=None):
             raise FileNotFoundError(f"--model {args.model}: no such folder (a Hugging Face checkpoint directory)")
         cfg = Qwen2Config.from_pretrained(args.model)
         options = read_trainable_options(args.trained) if args.trained else {}
+        if args.trained:  # made for this base: its config is in its metadata
+            check_trainable(args.trained, options, cfg)
         max_steps = options.get("max_steps", MAX_STEPS)
         if not 1 <= args.depth <= max_steps:
             raise ValueError(f"--depth {args.depth} is outside 1..{max_steps} (max_steps)")

@@ -9,10 +9,12 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -530,6 +532,14 @@ BAD_CHECKPOINTS = {
     "rope scaling": (config_edit(rope_scaling={"type": "yarn", "factor": 4.0}), "rope scaling .* is not supported"),
     "missing key": (lambda p: (p / "config.json").write_text(json.dumps(
         {k: v for k, v in TINY.to_dict().items() if k != "hidden_size"})), "key 'hidden_size' is missing"),
+    "integer tensor": (lambda p: write_checkpoint(p, TINY.to_dict(), {
+        **random_tensors(TINY), "model.layers.0.self_attn.q_proj.weight": torch.ones(32, 32, dtype=torch.int8)}),
+        "tensor 'model.layers.0.self_attn.q_proj.weight' is I8, not floating point"),
+    "a word for a number": (config_edit(vocab_size="abc"), "key 'vocab_size' is 'abc': must be an integer above 0"),
+    "no layers": (config_edit(num_hidden_layers=0), "key 'num_hidden_layers' is 0: must be an integer above 0"),
+    "a float for an integer": (config_edit(hidden_size=32.5), "key 'hidden_size' is 32.5: must be an integer"),
+    "a word for a flag": (config_edit(tie_word_embeddings="yes"), "key 'tie_word_embeddings' is 'yes': must be true or"),
+    "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
 }
 
 
@@ -649,12 +659,37 @@ def test_command_line_prints_a_continuation(tiny, trained, capsys, flag):
     assert "decode:" in err and "tokens/s" in err
 
 
-def test_command_line_refuses_trainables_of_another_model(tiny, tmp_path, capsys):
-    other = write_tiny(tmp_path / "other", ob.Qwen2Config(**{**vars(TINY), "hidden_size": 48}))
-    ob.Ouroboros.from_pretrained(other, device="cpu").save_trainable(tmp_path / "t.safetensors")
-    with pytest.raises(SystemExit, match="saved with other options .*config hidden_size: file 48, model 32"):
-        ob.main(["--model", str(tiny), "--prompt", "hi", "--max-new-tokens", "4",
-                 "--trained", str(tmp_path / "t.safetensors")])
+@pytest.fixture(scope="module")
+def other_trained(tmp_path_factory):
+    """Trainables saved for another base (hidden 48, not 32)."""
+    path = tmp_path_factory.mktemp("other")
+    other = write_tiny(path / "model", ob.Qwen2Config(**{**vars(TINY), "hidden_size": 48}))
+    ob.Ouroboros.from_pretrained(other, device="cpu").save_trainable(path / "t.safetensors")
+    return path / "t.safetensors"
+
+
+def test_trainables_of_another_model_are_refused(tiny, other_trained):
+    with pytest.raises(ValueError, match="saved with other options .*config hidden_size: file 48, model 32"):
+        ob.Ouroboros.from_pretrained(tiny, device="cpu").load_trainable(other_trained)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(foo=1), "unknown option 'foo' in its metadata"),
+    (dict(rank="eight"), "option 'rank' is 'eight' in its metadata: must be an integer"),
+    (dict(gate=1), "option 'gate' is 1 in its metadata: must be true or false"),
+    (dict(prelude="2"), "option 'prelude' is '2' in its metadata: must be an integer"),
+])
+def test_a_trained_file_with_unknown_or_ill_typed_options_is_one_line(tiny, trained, tmp_path, change, message):
+    """Its metadata is read before anything loads: an option this version does not know, or one of
+    the wrong type, is named, rather than a TypeError from Ouroboros.__init__."""
+    with safe_open(trained, framework="pt", device="cpu") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    meta["ouroboros"] = json.dumps({**json.loads(meta["ouroboros"]), **change})
+    save_file(tensors, tmp_path / "t.safetensors", metadata=meta)
+    with pytest.raises(SystemExit) as e:
+        ob.main(["--model", str(tiny), "--prompt", "hi", "--trained", str(tmp_path / "t.safetensors")])
+    line = str(e.value.code)
+    assert line.startswith(f"error: {tmp_path / 't.safetensors'}: {message}") and "\n" not in line, line
 
 
 # Each case: extra arguments after "--model {tiny} --prompt hi" (a later flag wins), and what
@@ -677,18 +712,21 @@ BAD_GENERATIONS = {
     "no config.json": (["--model", "{tmp}"], "{tmp}/config.json: not found"),
     "unknown device": (["--device", "tpu9"], "device 'tpu9': not a device torch knows"),
     "negative max-new-tokens": (["--max-new-tokens", "-1"], "max_new_tokens=-1: must be at least 1"),
+    "temperature nan": (["--max-new-tokens", "4", "--temperature", "nan"], "temperature=nan: must be at least 0 and finite"),
+    "trained for another base": (["--trained", "{other}"], "saved with other options (config hidden_size: file 48, model 32"),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_GENERATIONS))
-def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, tmp_path, monkeypatch, case):
+def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, other_trained, tmp_path, monkeypatch,
+                                                               case):
     def load(*args):
         raise AssertionError("weights were loaded before the input was checked")
     monkeypatch.setattr(ob.Checkpoint, "__init__", load)
     args, message = BAD_GENERATIONS[case]
 
     def fill(text):
-        return text.format(tiny=tiny, trained=trained, tmp=tmp_path)
+        return text.format(tiny=tiny, trained=trained, other=other_trained, tmp=tmp_path)
     with pytest.raises(SystemExit) as e:
         ob.main(["--model", str(tiny), "--prompt", "hi", *map(fill, args)])
     line = str(e.value.code)
@@ -1243,7 +1281,7 @@ def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
     ouroboros.safetensors loads into a fresh model with Ouroboros.load_trainable."""
     trained = train.main(run_args(demo, tmp_path))
     assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "metrics.jsonl", "optimizer.safetensors", "ouroboros.safetensors", "results.json", "state.json"]
+        "lock", "metrics.jsonl", "optimizer.safetensors", "ouroboros.safetensors", "results.json", "state.json"]
     moments = load_file(tmp_path / "optimizer.safetensors")
     for name, p in trained.named_trainable():
         assert moments[f"{name}.exp_avg"].shape == p.shape and moments[f"{name}.step"].item() == 4
@@ -1257,7 +1295,7 @@ def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
 
 @pytest.mark.parametrize("sig, mode", [(signal.SIGINT, []), (signal.SIGTERM, []), (signal.SIGINT, ["--pretrain"])],
                          ids=["ctrl-c", "sigterm", "pretrain"])
-def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, sig, mode):
+def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, capsys, sig, mode):
     """A signal during update 3 of 6: the update finishes, is saved, and the run ends cleanly; the
     resumed run then ends bit for bit where the uninterrupted one does (CPU, float32). The same
     holds when pretraining, where the weights themselves come back from --out."""
@@ -1275,6 +1313,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, 
     assert signal.getsignal(sig) is handler  # the handler is given back
     monkeypatch.setattr(train, "get_lr", get_lr)
     resumed = train.main(argv + ["--resume"])
+    assert f"resumed {tmp_path / 'twice'} at step 3" in capsys.readouterr().out
     for (name, p), (_, q) in zip(train.trainables(whole), train.trainables(resumed)):
         assert torch.equal(p, q), name
     assert [m["loss"] for m in metrics(tmp_path / "once")] == \
@@ -1289,6 +1328,7 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_the_loader_reads(tm
                                 "--eval-every", "100"))
     losses = [m["loss"] for m in metrics(tmp_path)]
     assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    assert "| depth" not in train.log_line(metrics(tmp_path)[-1], train.parse_args(["--pretrain"]))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tmp_path.iterdir()}
     assert (tmp_path / "tokenizer.json").read_bytes() == (demo[0] / "tokenizer.json").read_bytes()
     x = torch.randint(0, SMALL.vocab_size, (2, 16))
@@ -1306,12 +1346,12 @@ def test_rerunning_a_command_is_refused_and_the_run_kept(tmp_path, demo):
     the saved file and the ways on, and every file of the run is byte for byte as it was."""
     argv = run_args(demo, tmp_path, "--steps", "2")
     train.main(argv)
-    before = {f.name: f.read_bytes() for f in tmp_path.iterdir()}
+    before = {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != "lock"}
     run = subprocess.run([sys.executable, "train.py", *argv], cwd=HERE, capture_output=True, text=True)
     assert run.returncode == 1 and run.stderr.count("\n") == 1, run.stderr
     assert f"{tmp_path}/state.json: a run is saved" in run.stderr
     assert all(way in run.stderr for way in ("--resume", "another --out", "--overwrite"))
-    assert {f.name: f.read_bytes() for f in tmp_path.iterdir()} == before
+    assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != "lock"} == before
 
 
 def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
@@ -1369,6 +1409,7 @@ def test_overwrite_starts_afresh(tmp_path, demo):
     (["--min-lr", "1"], "--min-lr 1.0 must be in 0..--lr"),
     (["--resume", "--overwrite"], "--resume and --overwrite do not go together"),
     (["--pretrain", "--eval-full"], "--pretrain and --eval-full do not go together"),
+    (["--seq-len", "1"], "--seq-len 1 must be >= 2 (one token has no context to learn from)"),
     (["--out", "FILE/run"], "is a file, not a folder"),
 ])
 def test_options_are_refused_before_anything_is_loaded(tmp_path, demo, monkeypatch, extra, expected):
@@ -1424,6 +1465,13 @@ def edit_meta(data_dir, **changes):
     (data_dir / "meta.json").write_text(json.dumps({**meta, **changes}))
 
 
+def poke(file, token):
+    """Token 10 of a token file set to `token`."""
+    tokens = np.fromfile(file, dtype=np.uint32)
+    tokens[10] = token
+    tokens.tofile(file)
+
+
 def tiny_data(model, data):
     """Data whose held-out split is 4 documents of ~4 tokens: too short for 64-token windows."""
     (data / "t.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(400)))
@@ -1444,6 +1492,10 @@ BAD_RUNS = {
     "another vocabulary": ([], lambda m, d: edit_meta(d, vocab_size=151936),
                            "vocab_size 151936 exceeds the model's 512"),
     "truncated token file": ([], lambda m, d: truncate(d / "train.bin"), "train.bin: "),
+    "token id past the vocabulary": ([], lambda m, d: poke(d / "train.bin", 512),
+                                     "train.bin: token id 512 is outside the model's vocabulary 0..511"),
+    "empty token file": ([], lambda m, d: (d / "train.bin").write_bytes(b"") or edit_meta(d, train_tokens=0),
+                         "train.bin: 0 tokens are too few for --seq-len 16"),
     "seq-len above the model": (["--seq-len", "257"], None, "--seq-len 257 exceeds max_position_embeddings 256"),
     "seq-len above the data": (["--seq-len", "64"], tiny_data, "val.bin: "),
     "depth 0": (["--depth", "0"], None, "depth 0 is outside 1..64"),
@@ -1465,6 +1517,7 @@ def test_bad_input_is_one_line_error(tmp_path, demo, case):
         setup(model, data)
     extra = [str(tmp_path / a) if a == "nowhere" else a for a in extra]
     assert expected in error_line(run_args((model, data), tmp_path / "out", *extra)), case
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the run began
 
 
 @pytest.mark.parametrize("change", [["--rank", "4"], ["--lr", "1e-3"], ["--pool", "mean"], ["--no-gate"]])
@@ -1482,6 +1535,121 @@ def test_resume_refuses_a_half_written_checkpoint(tmp_path, demo):
     (tmp_path / "state.json").write_text(json.dumps({**state, "step": 1}))  # as if killed between two files
     message = error_line(run_args(demo, tmp_path, "--resume", "--steps", "2"))
     assert "optimizer.safetensors: step 2, state.json says 1" in message
+
+
+def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, demo):
+    """The first run holds OUT/lock (an OS lock) until it ends: a second train.py there is refused in
+    one line naming the holder, and leaves the run alone. A lock whose process was killed with
+    kill -9 is gone with it: the next run starts."""
+    argv = run_args(demo, tmp_path, "--steps", "2")
+    train.hold(tmp_path)  # as a running train.py holds it
+    try:
+        message = error_line(argv)
+    finally:
+        train.HELD.pop().close()
+    assert f"{tmp_path}/lock: {tmp_path} is in use by train.py (pid {os.getpid()} on" in message
+    assert not (tmp_path / "metrics.jsonl").exists()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print(flush=True); time.sleep(60)",
+                               str(tmp_path / "lock")], stdout=subprocess.PIPE)
+    holder.stdout.readline()  # it holds the lock now
+    assert "is in use by" in error_line(argv)
+    holder.kill()
+    holder.wait()
+    train.main(argv)
+    assert json.loads((tmp_path / "state.json").read_text())["step"] == 2
+
+
+def test_a_save_cut_short_leaves_a_checkpoint_to_resume_from(tmp_path, demo):
+    """Killed while a save is written: the previous checkpoint is whole. Killed while its files move
+    in (here: the optimizer state of step 4 already moved, the step-2 weights and state.json not):
+    the next start moves the rest. Either way --resume ends where an uninterrupted run does."""
+    whole = train.main(run_args(demo, tmp_path / "whole", "--steps", "6"))
+    train.main(run_args(demo, tmp_path / "four", "--steps", "4"))
+    for cut in ("while written", "while moved in"):
+        out = tmp_path / cut
+        train.main(run_args(demo, out, "--steps", "2"))
+        stage = out / "save.tmp"
+        shutil.copytree(tmp_path / "four", stage, ignore=shutil.ignore_patterns("metrics.jsonl", "results.json",
+                                                                                   "lock"))
+        if cut == "while written":  # no state.json yet: not whole
+            (stage / "state.json").unlink()
+        else:
+            os.replace(stage / "optimizer.safetensors", out / "optimizer.safetensors")
+        resumed = train.main(run_args(demo, out, "--steps", "6", "--resume"))
+        assert not stage.exists()
+        steps = [m["step"] for m in metrics(out)]
+        assert steps == ([1, 2, 3, 4, 5, 6] if cut == "while written" else [1, 2, 5, 6]), cut
+        if cut == "while written":
+            for (name, p), (_, q) in zip(train.trainables(whole), train.trainables(resumed)):
+                assert torch.equal(p, q), (cut, name)
+
+
+def test_a_run_killed_before_its_results_writes_them_when_resumed(tmp_path, demo, monkeypatch):
+    """Its last step is saved but results.json is not there (killed in the final evaluation): the
+    same command with --resume writes it, and so do the demo and the study (train.run_logged), with
+    the same numbers as the run that was not killed."""
+    train.main(run_args(demo, tmp_path, "--steps", "2"))
+    expected = json.loads((tmp_path / "results.json").read_text())
+    (tmp_path / "results.json").unlink()
+    train.main(run_args(demo, tmp_path, "--steps", "2", "--resume"))
+    got = json.loads((tmp_path / "results.json").read_text())
+    assert {k: v for k, v in got.items() if k != "run"} == {k: v for k, v in expected.items() if k != "run"}
+    (tmp_path / "results.json").unlink()
+    argv = run_args(demo, tmp_path, "--steps", "2")
+    del argv[argv.index("--out"):argv.index("--out") + 2]  # run_logged gives --out, and --resume
+    assert train.run_logged(tmp_path, argv)
+
+
+def test_ctrl_c_in_the_final_evaluation_stops_it_and_resume_finishes(tmp_path, demo, monkeypatch):
+    """The loop's handler only sets a flag, so a Ctrl-C in the final evaluation used to do nothing.
+    There it stops the evaluation, in one line that says the run is saved; --resume writes the results."""
+    report = train.report
+
+    def interrupted(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(5)  # the signal arrives before this ends
+    monkeypatch.setattr(train, "report", interrupted)
+    with pytest.raises(SystemExit, match="interrupted in the final evaluation: the run is saved in"):
+        train.main(run_args(demo, tmp_path, "--steps", "2"))
+    monkeypatch.setattr(train, "report", report)
+    train.main(run_args(demo, tmp_path, "--steps", "2", "--resume"))
+    assert (tmp_path / "results.json").is_file()
+
+
+def test_an_interrupted_base_says_to_run_the_same_command(tmp_path):
+    """The base's pretraining stopped by Ctrl-C (run_logged returns False, with no diverged.txt):
+    the message is the command that works, not train.py's "--resume", which the study has not."""
+    with pytest.raises(SystemExit, match=r"interrupted: .*base is saved; run the same command again to continue"):
+        stdlib.pretrained_base(tmp_path, miniature.QUICK, lambda out, argv: False, quiet)
+
+
+@pytest.mark.parametrize("corpus, message", [
+    ("nowhere", "error: --corpus {tmp}/nowhere: no such folder"),
+    ("two files", "error: 2 document(s) leave a split empty: one in 10 is held out, so give a corpus of more files"),
+])
+def test_the_study_refuses_a_bad_corpus_in_one_line(tmp_path, corpus, message):
+    folder = tmp_path / corpus
+    if corpus == "two files":
+        write_docs(folder, ["print('a')\n", "print('b')\n"], "txt")
+    with pytest.raises(SystemExit) as e:
+        miniature.main(["--quick", "--corpus", str(folder), "--work", str(tmp_path / "work")])
+    assert message.format(tmp=tmp_path) in str(e.value.code) and "\n" not in str(e.value.code)
+    assert "--val-fraction" not in str(e.value.code)
+
+
+def test_ctrl_c_while_the_study_prepares_data_is_one_line(tmp_path):
+    """Ctrl-C before any run starts (here, as the tokenizer is trained): no traceback, one line."""
+    folder = tmp_path / "corpus"
+    write_docs(folder, [f"def f{i}(x):\n    return x * {i}\n" * 200 for i in range(400)], "txt")
+    study = subprocess.Popen([sys.executable, "experiments/miniature.py", "--quick", "--corpus", str(folder),
+                              "--work", str(tmp_path / "work")], cwd=HERE, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert study.stdout.readline().startswith("[data]")
+    study.send_signal(signal.SIGINT)
+    _, err = study.communicate(timeout=120)
+    assert study.returncode == 1 and err.startswith("interrupted: ") and err.count("\n") == 1, err
+    assert not (tmp_path / "work" / "data").exists()  # prepare.py leaves nothing half-made
 
 
 def test_default_paths_say_how_to_get_them(tmp_path, demo, monkeypatch):

@@ -21,12 +21,14 @@ checks, checkpoints and resume, and the demo's base.
 import argparse
 import contextlib
 import datetime
+import fcntl
 import json
 import math
 import os
 import resource
 import shutil
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -189,6 +191,9 @@ def setup(args, log, device, world, rank):
         args.out = str(Path(args.out) / "ouroboros")
     cfg = check_model(args)
     run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
+    if rank == 0 and not args.benchmark:  # one train.py per --out, for as long as it runs
+        hold(Path(args.out))
+        finish_save(Path(args.out))  # a save that was cut short while its files moved in
     state = None if args.benchmark else saved_run(args, run)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     splits = ({"train": np.random.default_rng(args.seed).integers(0, cfg.vocab_size, 2 * tokens_per_step + 1)}
@@ -212,6 +217,8 @@ def setup(args, log, device, world, rank):
                             fused=device.type == "cuda")
     if state:
         restore(out, model, opt, state)
+        log(f"resumed {out} at step {state['step']}" + (" (finished: its results are written now)"
+                                                        if state["step"] == args.steps else ""))
     if rank == 0 and not args.benchmark:
         start_run(args, out, state)
     log(f"{sum(p.numel() for p in params):,} trainable | {tokens_per_step:,} tokens per step "
@@ -313,7 +320,13 @@ def train(args):
         if stopping:
             log(f"interrupted: saved step {step + 1} in {out}; continue with the same command and --resume")
             return model
-    report(args, model, history, ref, losses, loss_of, steps_taken, log, rank)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # the final evaluation stops at Ctrl-C; --resume redoes it
+        signal.signal(sig, signal.default_int_handler)
+    try:
+        report(args, model, history, ref, losses, loss_of, steps_taken, log, rank)
+    except KeyboardInterrupt:
+        sys.exit(f"interrupted in the final evaluation: the run is saved in {out}; the same command with "
+                 "--resume writes its results")
     return model
 
 
@@ -324,7 +337,7 @@ def show(value, spec):
 def log_line(m, args):
     """step | loss | vs base | lr | grad | depth | tok/s | MFU | mem | ETA (| held-out)"""
     return (f"step {m['step']}/{args.steps} | loss {m['loss']:.4f} | vs base {show(m['vs_baseline'], '+.4f')} | "
-            f"lr {m['lr']:.2e} | grad {m['grad_norm']:.3f} | depth {m['depth']}"
+            f"lr {m['lr']:.2e} | grad {m['grad_norm']:.3f}" + ("" if args.pretrain else f" | depth {m['depth']}")
             + (f" (took {m['steps']:.2f})" if args.ponder_cost is not None else "")
             + f" | {m['tok_s']:,.0f} tok/s | MFU {show(m['mfu'], '.1%')} | mem {m['mem_gb']:.2f} GB | "
             f"ETA {datetime.timedelta(seconds=round(m['eta_s']))}"
@@ -387,7 +400,8 @@ def check_options(args):
     for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
         if not 1 <= depth <= ob.MAX_STEPS:
             raise ValueError(f"depth {depth} is outside 1..{ob.MAX_STEPS} (the Controller's step table)")
-    for flag, ok, need in (("lr", 0 < args.lr < math.inf, "> 0 and finite"),
+    for flag, ok, need in (("seq_len", args.seq_len >= 2, ">= 2 (one token has no context to learn from)"),
+                           ("lr", 0 < args.lr < math.inf, "> 0 and finite"),
                            ("min_lr", 0 <= args.min_lr <= args.lr, "in 0..--lr"),
                            ("warmup", 0 <= args.warmup <= args.steps, "in 0..--steps"),
                            ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
@@ -429,11 +443,14 @@ def load_data(args, cfg, rank, world):
         if file.stat().st_size != 4 * n:
             raise ValueError(f"{file}: {file.stat().st_size:,} bytes, but meta.json says {n:,} uint32 tokens "
                              "(truncated? prepare the data again)")
-        tokens = np.memmap(file, dtype=np.uint32, mode="r")
-        part = tokens[rank * len(tokens) // world:(rank + 1) * len(tokens) // world]  # each rank its own part
-        if len(part) <= args.seq_len:
-            raise ValueError(f"{data}/{split}.bin: {len(part):,} tokens{' per rank' * (world > 1)} are too "
+        lo, hi = rank * n // world, (rank + 1) * n // world  # each rank its own part
+        if hi - lo <= args.seq_len:
+            raise ValueError(f"{data}/{split}.bin: {hi - lo:,} tokens{' per rank' * (world > 1)} are too "
                              f"few for --seq-len {args.seq_len} (+1 for the shifted targets)")
+        part = np.memmap(file, dtype=np.uint32, mode="r")[lo:hi]
+        if (top := int(part.max())) >= cfg.vocab_size:  # one pass over the file, before the model loads
+            raise ValueError(f"{file}: token id {top} is outside the model's vocabulary 0..{cfg.vocab_size - 1} "
+                             "(made for another model? prepare the data again)")
         splits[split] = part
     return splits
 
@@ -447,15 +464,53 @@ def trainables(model):
 
 
 def save(out, model, opt, state):
-    """Optimizer state, weights, then state.json last: a resume checks that the three agree."""
+    """Optimizer state, weights, then state.json last, all made whole in OUT/save.tmp first, then moved
+    into OUT (finish_save). A kill while they are written leaves the previous checkpoint as it was."""
+    stage = out / "save.tmp"
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     names = [n for n, _ in trainables(model)]
     moments = {f"{names[i]}.{k}": v.cpu() for i, s in opt.state_dict()["state"].items() for k, v in s.items()}
-    ob.save_atomic(moments, out / "optimizer.safetensors", {"step": str(state["step"])})
+    ob.save_atomic(moments, stage / "optimizer.safetensors", {"step": str(state["step"])})
     if isinstance(model, ob.Ouroboros):
-        model.save_trainable(out / "ouroboros.safetensors")
+        model.save_trainable(stage / "ouroboros.safetensors")
     else:  # pretraining: --out is a Hugging Face checkpoint (its tokenizer.json was copied at the start)
-        model.save_pretrained(out)
-    ob.write_json(out / "state.json", state)
+        model.save_pretrained(stage)
+    ob.write_json(stage / "state.json", state)
+    finish_save(out)
+
+
+def finish_save(out):
+    """Move a whole OUT/save.tmp (its state.json, written last, is there) into OUT, state.json last; drop
+    one that is not whole. A kill while the files move leaves a whole save.tmp: the next start moves
+    the rest."""
+    stage = out / "save.tmp"
+    if (stage / "state.json").is_file():
+        for f in sorted(stage.iterdir(), key=lambda f: f.name == "state.json"):
+            os.replace(f, out / f.name)
+    shutil.rmtree(stage, ignore_errors=True)
+
+
+def hold(out):
+    """Hold OUT/lock (an OS lock, released when the process ends, even by kill -9) while this run
+    writes OUT: a second train.py on the same --out is refused, naming the first."""
+    out.mkdir(parents=True, exist_ok=True)
+    lock = open(out / "lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "another process"
+        lock.close()
+        raise ValueError(f"{out}/lock: {out} is in use by {holder}; wait for it to end, or give another --out")
+    lock.truncate(0)
+    lock.write(f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
+               f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
+    lock.flush()
+    HELD.append(lock)
+
+
+HELD = []  # the locks (hold) this process has, each released by the main() that took it
 
 
 SAVED = ("state.json", "optimizer.safetensors", "ouroboros.safetensors", "model.safetensors")  # a run's files
@@ -477,7 +532,7 @@ def saved_run(args, run):
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
     if diff:
         raise ValueError(f"{file}: --resume with other options ({'; '.join(diff)})")
-    if args.steps <= state["step"]:
+    if args.steps < state["step"] or (args.steps == state["step"] and (out / "results.json").is_file()):
         raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
                          "give a larger --steps to continue it")
     return state
@@ -554,11 +609,14 @@ def wall_s(out):
 def main(argv=None):
     args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    held = len(HELD)
     try:
         return train(args)
     except (ValueError, FileNotFoundError) as e:  # ouroboros.py's and ours: one line naming the cause
         sys.exit(f"error: {e}")
     finally:
+        while len(HELD) > held:
+            HELD.pop().close()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if dist.is_initialized():

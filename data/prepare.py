@@ -205,9 +205,10 @@ def load_tokenizer(path):
 
 
 def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_size=None, extensions=(),
-            log=print):
+            log=print, too_few=None):
     """Tokenise `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict.
-    tokenizer=None with vocab_size=N: train one on the training documents, save it as out/tokenizer.json."""
+    tokenizer=None with vocab_size=N: train one on the training documents, save it as out/tokenizer.json.
+    `too_few`: what the error says when a split would be empty, for a caller without --val-fraction."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be between 0 and 1")
     if (tokenizer is None) == (vocab_size is None):
@@ -247,7 +248,8 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
                     f"({time.time() - t0:.0f} s)", end="", flush=True)
         log()
         if counts["val_documents"] == 0 or counts["train_documents"] == 0:
-            raise ValueError(f"{i} document(s) with --val-fraction {val_fraction} leave a split empty "
+            raise ValueError(f"{i} document(s) leave a split empty: {too_few}" if too_few else
+                             f"{i} document(s) with --val-fraction {val_fraction} leave a split empty "
                              "(give more documents or another --val-fraction)")
         listing = "".join(f"{file_sha256(f)}  {rel.as_posix()}\n" for f, rel in files)  # as sha256sum prints it
         meta = {**counts, "vocab_size": tok.get_vocab_size(), "eos_id": eos, "dtype": "uint32",

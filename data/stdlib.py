@@ -72,7 +72,8 @@ def pretrained_base(work, base, run, log=print, corpus=None):
             f"{corpus or f'the Python {sys.version.split()[0]} standard library ({len(inputs)} files)'}")
         t0 = time.time()
         prepare.prepare(inputs, None, data, base.val_fraction, vocab_size=base.config.vocab_size,
-                        log=lambda *a, **k: None)
+                        log=lambda *a, **k: None, too_few=f"one in {round(1 / base.val_fraction)} is held out, "
+                        "so give a corpus of more files")
         (data / "wall_s.txt").write_text(str(time.time() - t0))
     if not (out / "results.json").is_file():
         init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
@@ -85,5 +86,7 @@ def pretrained_base(work, base, run, log=print, corpus=None):
                 "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", "0", *batch_args(base),
                 "--grad-accum", str(accum)]
         if not run(out, argv):
-            sys.exit(f"error: pretraining stopped: {(out / 'log.txt').read_text().splitlines()[-1]}")
+            if not (out / "diverged.txt").is_file():  # Ctrl-C: the step it reached is saved
+                sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
+            sys.exit(f"error: pretraining stopped: {(out / 'diverged.txt').read_text()}")
     return out, data

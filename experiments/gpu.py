@@ -46,7 +46,7 @@ short keeps what it measured); gpu.json and gpu.md are written to .tmp, then ren
   gpu.log    every stage's whole output, the CUDA tests' among them (written as the stages run)
 
 How to read the figures. tokens/s is train.py's median over the updates after the first (which pays
-for allocation and compilation). MFU is train.py's: model FLOPs per token (MFU_FORMULA below) x tokens/s
+for allocation and compilation). MFU is train.py's: model FLOPs per token (ouroboros.flops_per_token) x tokens/s
 over the GPU's dense bf16 peak (H100, H200 989e12; A100 312e12; else give --peak-flops). Peak memory
 is torch.cuda.max_memory_allocated and max_memory_reserved of the stage's process, model build
 included (on the CPU: the peak resident set, for both). Decode tokens/s counts the tokens after the
@@ -83,14 +83,7 @@ import train  # noqa: E402
 
 TOTAL_S = 450  # the whole run's stages; Python's start and the report add a few seconds
 MARK = "gpu.py figures:"  # a stage's last line of output: this, then its figures as JSON
-MFU_FORMULA = (  # flops_per_token's, as its docstring states it
-    "flops_per_token, the formula of train.py's MFU: model FLOPs per trained token, as in PaLM (recomputation "
-    "is not counted: --checkpointing costs time but no model FLOPs); a matmul with N weights costs 2N per "
-    "token forward, and backward 2N for its input's gradient and 2N for its weights' (frozen weights get "
-    "none): prelude (no autograd) 2 N_layer P; loop, coda, lm_head (frozen) 4 (N_layer + N_lora) depth + "
-    "4 N_layer C + 4 d V; Controller, gate, halting head (trained) 6 N_train depth; coda adapters (trained) "
-    "6 N_adapters; attention QK^T and AV (no causal halving) 4 T d per call forward, twice that backward. "
-    "N_layer: a layer's weight matrices; N_lora: the frozen A and B; biases and norms neglected")
+MFU_FORMULA = " ".join(ob.flops_per_token.__doc__.split())  # the formula of train.py's MFU, as its docstring states it
 
 # ----------------------------------------------------------------------------------------
 # The two plans: one CUDA GPU at the Qwen2.5-3B shape, and the CPU smoke test at a tiny one

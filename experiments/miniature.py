@@ -19,19 +19,23 @@ Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue
   5. report  experiments/results/miniature.json (every run), miniature.md (the table),
              miniature.png and miniature-depth.png (need matplotlib: pip install matplotlib)
 """
-import argparse
-import contextlib
-import datetime
-import json
-import platform
-import shutil
-import statistics
-import subprocess
+import signal
 import sys
-import sysconfig
-import time
-from dataclasses import dataclass
-from pathlib import Path
+
+if __name__ == "__main__":  # Ctrl-C before a run starts (importing, preparing data, writing the report)
+    signal.signal(signal.SIGINT, lambda *_: sys.exit("interrupted: every finished stage is kept; run the "
+                                                     "same command again to continue"))
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import datetime  # noqa: E402
+import json  # noqa: E402
+import platform  # noqa: E402
+import shutil  # noqa: E402
+import statistics  # noqa: E402
+import subprocess  # noqa: E402
+import time  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -271,9 +275,10 @@ def report(work, results, budget, log, meta):
     try:
         figure(records, results / "miniature.png")
         depth_figure(records, results / "miniature-depth.png")
+        log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
     except ImportError:
-        log("the figure needs matplotlib: pip install matplotlib, then run the same command again")
-    log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
+        log(f"wrote {results}/miniature.json and miniature.md; the figures need matplotlib: "
+            "pip install matplotlib, then run the same command again")
 
 
 MARKS = ("<!-- table: written by experiments/miniature.py -->\n", "<!-- end of table -->")
@@ -306,6 +311,15 @@ def main(argv=None):
     ap.add_argument("--work", help="the cache of every stage (default out/miniature, out/miniature-quick)")
     ap.add_argument("--results", help="default experiments/results (--quick: WORK/results)")
     args = ap.parse_args(argv)
+    try:
+        study(args)
+    except (ValueError, FileNotFoundError) as e:  # one line naming the file or value, as train.py does
+        sys.exit(f"error: {e}")
+
+
+def study(args):
+    if args.corpus and not Path(args.corpus).is_dir():
+        raise FileNotFoundError(f"--corpus {args.corpus}: no such folder")
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
