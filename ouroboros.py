@@ -1085,7 +1085,8 @@ def check_generation(cfg, n_prompt, max_new_tokens, temperature=1.0, top_k=None)
     for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("temperature", temperature, 0),
                              ("top_k", top_k, 1)):
         if value is not None and not low <= value < math.inf:  # nan too
-            raise ValueError(f"{name}={value}: must be at least {low}" + ("" if math.isfinite(value) else " and finite"))
+            raise ValueError(f"{name}={value}: must be at least {low}"
+                             + ("" if math.isfinite(value) else " and finite"))
     if n_prompt + max_new_tokens > cfg.max_position_embeddings:
         raise ValueError(f"prompt ({n_prompt} tokens) + max_new_tokens ({max_new_tokens}) exceeds "
                          f"the model's {cfg.max_position_embeddings} positions")

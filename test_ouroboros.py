@@ -508,7 +508,8 @@ def reshape(path):
 
 
 def extra(path):
-    write_checkpoint(path, TINY.to_dict(), {**random_tensors(TINY), "model.layers.6.mlp.up_proj.weight": torch.zeros(1)})
+    write_checkpoint(path, TINY.to_dict(),
+                     {**random_tensors(TINY), "model.layers.6.mlp.up_proj.weight": torch.zeros(1)})
 
 
 def config_edit(**changes):
@@ -522,9 +523,11 @@ BAD_CHECKPOINTS = {
     "corrupt index": (lambda p: (p / "model.safetensors.index.json").write_text("{"),
                       "model.safetensors.index.json: not valid JSON"),
     "no weights": (lambda p: [f.unlink() for f in p.glob("model*")], "no model.safetensors"),
-    "missing tensor": (drop("model.layers.4.self_attn.k_proj.bias"), "'model.layers.4.self_attn.k_proj.bias' is missing"),
+    "missing tensor": (drop("model.layers.4.self_attn.k_proj.bias"),
+                       "'model.layers.4.self_attn.k_proj.bias' is missing"),
     "unexpected tensor": (extra, "unexpected tensor 'model.layers.6.mlp.up_proj.weight'"),
-    "wrong shape": (reshape, r"'model.layers.2.mlp.up_proj.weight' has shape \(47, 32\), config.json implies \(48, 32\)"),
+    "wrong shape": (reshape,
+                    r"'model.layers.2.mlp.up_proj.weight' has shape \(47, 32\), config.json implies \(48, 32\)"),
     "truncated file": (lambda p: p.joinpath("model.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}"),
                        "model.safetensors: not a readable safetensors file"),
     "model_type": (config_edit(model_type="llama"), "model_type 'llama' is not supported"),
@@ -538,7 +541,8 @@ BAD_CHECKPOINTS = {
     "a word for a number": (config_edit(vocab_size="abc"), "key 'vocab_size' is 'abc': must be an integer above 0"),
     "no layers": (config_edit(num_hidden_layers=0), "key 'num_hidden_layers' is 0: must be an integer above 0"),
     "a float for an integer": (config_edit(hidden_size=32.5), "key 'hidden_size' is 32.5: must be an integer"),
-    "a word for a flag": (config_edit(tie_word_embeddings="yes"), "key 'tie_word_embeddings' is 'yes': must be true or"),
+    "a word for a flag": (config_edit(tie_word_embeddings="yes"),
+                          "key 'tie_word_embeddings' is 'yes': must be true or"),
     "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
 }
 
@@ -698,7 +702,8 @@ BAD_GENERATIONS = {
     "empty prompt": (["--prompt", ""], "the prompt is empty"),
     "no new token": (["--max-new-tokens", "0"], "max_new_tokens=0: must be at least 1"),
     "top-k 0": (["--max-new-tokens", "4", "--top-k", "0"], "top_k=0: must be at least 1"),
-    "negative temperature": (["--max-new-tokens", "4", "--temperature", "-0.5"], "temperature=-0.5: must be at least 0"),
+    "negative temperature": (["--max-new-tokens", "4", "--temperature", "-0.5"],
+                             "temperature=-0.5: must be at least 0"),
     "past the positions": (["--max-new-tokens", "100"], "+ max_new_tokens (100) exceeds the model's 64 positions"),
     "depth 0": (["--depth", "0"], "--depth 0 is outside 1..64"),
     "depth 65": (["--depth", "65"], "--depth 65 is outside 1..64"),
@@ -712,8 +717,10 @@ BAD_GENERATIONS = {
     "no config.json": (["--model", "{tmp}"], "{tmp}/config.json: not found"),
     "unknown device": (["--device", "tpu9"], "device 'tpu9': not a device torch knows"),
     "negative max-new-tokens": (["--max-new-tokens", "-1"], "max_new_tokens=-1: must be at least 1"),
-    "temperature nan": (["--max-new-tokens", "4", "--temperature", "nan"], "temperature=nan: must be at least 0 and finite"),
-    "trained for another base": (["--trained", "{other}"], "saved with other options (config hidden_size: file 48, model 32"),
+    "temperature nan": (["--max-new-tokens", "4", "--temperature", "nan"],
+                        "temperature=nan: must be at least 0 and finite"),
+    "trained for another base": (["--trained", "{other}"],
+                                 "saved with other options (config hidden_size: file 48, model 32"),
 }
 
 
@@ -1010,7 +1017,8 @@ def test_named_files_are_text_and_folders_take_known_extensions_and_ext(tmp_path
                 for f in json.loads((tmp_path / "out" / "meta.json").read_text())["inputs"]]
     assert inputs(tmp_path / "in") == ["a.md", "b.py", "c.rst", "d.txt", "sub/g.txt"]  # not hidden .git
     more = ["a.md", "b.py", "c.rst", "d.txt", "e.foo", "f.csv", "sub/g.txt"]
-    assert inputs(tmp_path / "in", "--ext", "foo,.csv") == inputs(tmp_path / "in", "--ext", ".foo", "--ext", "csv") == more
+    assert inputs(tmp_path / "in", "--ext", "foo,.csv") == more
+    assert inputs(tmp_path / "in", "--ext", ".foo", "--ext", "csv") == more
     assert inputs(*(tmp_path / "in" / n for n in ("f.csv", "README", "b.py"))) == ["f.csv", "README", "b.py"]
 
 
@@ -1210,8 +1218,9 @@ def test_depths_draws_each_update_from_the_list(tmp_path, demo):
 def test_flops_per_token_matches_torch_flop_counter(demo):
     """The MFU formula against torch's own count of the matmuls of one forward + backward, less
     what is recomputed (MFU counts the model's FLOPs, not recomputation): with checkpointing, one
-    more forward of each loop step, counted here on its own. The formula counts the input gradients of every matmul of the loop;
-    at step 0 the input (the prelude's output) needs none, so it may exceed the count a little."""
+    more forward of each loop step, counted here on its own. The formula counts the input gradients of
+    every matmul of the loop; at step 0 the input (the prelude's output) needs none, so it may exceed
+    the count a little."""
     from torch.utils.flop_counter import FlopCounterMode
     model = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
     cfg, x = model.cfg, torch.randint(0, 500, (2, 32))
@@ -1680,7 +1689,8 @@ def test_demo_runs_on_a_pretrained_base_and_caches_it(tmp_path, capsys, monkeypa
     train.main(argv)
     res = json.loads((tmp_path / "ouroboros" / "results.json").read_text())
     assert {"baseline", "full", "ours", "gap recovered %"} <= set(res)
-    assert ob.Qwen2Config.from_pretrained(tmp_path / "base").num_hidden_layers == miniature.QUICK.config.num_hidden_layers
+    layers = miniature.QUICK.config.num_hidden_layers
+    assert ob.Qwen2Config.from_pretrained(tmp_path / "base").num_hidden_layers == layers
     base = (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns
     train.main(argv)
     assert (tmp_path / "base" / "model.safetensors").stat().st_mtime_ns == base
