@@ -139,9 +139,10 @@ def documents(file, alone=False):
         yield from split_text(text) if alone else [text]
 
 
-def read(files, val_fraction):
+def read(files, val_fraction, held_out=None):
     """(document, "train" | "val" | "empty") of every document, in reading order. Empty ones take
-    no number, so the held-out rule counts only documents that have text."""
+    no number, so the held-out rule counts only documents that have text. `held_out`: the files
+    whose documents are the held-out ones, instead of the rule."""
     i, alone, last = 0, len(files) == 1, None
     for file, _ in files:
         try:
@@ -154,9 +155,10 @@ def read(files, val_fraction):
                 if not doc or not doc.strip():  # None: a null in a parquet column
                     yield doc, "empty"
                     continue
-                held_out = math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) or i == last
+                val = (file in held_out if held_out is not None else
+                       math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) or i == last)
                 i += 1
-                yield doc, "val" if held_out else "train"
+                yield doc, "val" if val else "train"
         except UnicodeDecodeError as e:
             raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -205,10 +207,11 @@ def load_tokenizer(path):
 
 
 def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_size=None, extensions=(),
-            log=print, too_few=None):
+            log=print, too_few=None, held_out=None):
     """Tokenise `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict.
     tokenizer=None with vocab_size=N: train one on the training documents, save it as out/tokenizer.json.
-    `too_few`: what the error says when a split would be empty, for a caller without --val-fraction."""
+    `too_few`: what the error says when a split would be empty, for a caller without --val-fraction.
+    `held_out`: input files to hold out whole, instead of every (1/val_fraction)-th document."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be between 0 and 1")
     if (tokenizer is None) == (vocab_size is None):
@@ -229,13 +232,13 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
         stage.mkdir(parents=True)
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")
-            train_docs = (doc for doc, split in read(files, val_fraction) if split == "train")
+            train_docs = (doc for doc, split in read(files, val_fraction, held_out) if split == "train")
             train_tokenizer(train_docs, stage, vocab_size)  # a first pass: the held-out text is never seen
             tok, eos, sha = load_tokenizer(stage)
         t0, i = time.time(), 0
         with open(stage / "train.bin", "wb") as train, open(stage / "val.bin", "wb") as val:
             sinks = {"train": train, "val": val}
-            for batch in batches(read(files, val_fraction), batch_size):
+            for batch in batches(read(files, val_fraction, held_out), batch_size):
                 kept = [(doc, split) for doc, split in batch if split != "empty"]
                 counts["empty_skipped"] += len(batch) - len(kept)
                 encoded = tok.encode_batch([doc for doc, _ in kept], add_special_tokens=False)

@@ -6,19 +6,31 @@ The standard library is real text that nobody here wrote, and it is on every mac
 Python. pretrained_base makes, in a work folder, each stage skipped once done:
 
     data/   a byte-level BPE tokenizer trained on the training files, train.bin, val.bin
-            (data/prepare.py; one file is one document, files are held out whole)
+            (data/prepare.py; one file is one document), and prose.bin (below)
     base/   a Hugging Face checkpoint of the Qwen2, pretrained by `train.py --pretrain`
             (its log in base/log.txt; an interrupted one is resumed)
 
 train.py imports this module, so this module does not import train.py: the caller hands in
 the function that runs it (train.run_logged).
+
+Two held-out sets, neither ever trained on:
+  val.bin    whole module families (held_out_families): cp850.py is 99% line-identical to
+             cp858.py, so a file-by-file split would score near-copies of training files.
+  prose.bin  another distribution: the English documentation prose of pydoc_data/topics.py
+             (its `topics` dict, one document per topic; the module itself is left out of
+             training). prose.json records its size and the sha256 of the text.
 """
+import hashlib
+import json
+import re
 import shutil
 import sys
 import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
@@ -35,6 +47,47 @@ def stdlib_files(every_nth=1):
     return files[::every_nth]
 
 
+def family(file):
+    """The module family of a standard-library file: its package, or its module name without a
+    leading underscore or "_py" and trailing digits (_pydecimal.py and decimal.py are one family)."""
+    top = Path(file).relative_to(sysconfig.get_paths()["stdlib"]).parts[0]
+    return re.sub(r"^_py|^_|\d+$", "", top.removesuffix(".py"))
+
+
+def held_out_families(files, fraction):
+    """Whole families held out until they hold `fraction` of the characters: families in the
+    order of the sha256 of their names (reproducible, and not alphabetical), each one taken only
+    if it is at most a third of what is wanted (no one package dominates the held-out set)."""
+    size = {}
+    for f in files:
+        size[family(f)] = size.get(family(f), 0) + f.stat().st_size
+    want, held = fraction * sum(size.values()), []
+    for name in sorted(size, key=lambda n: hashlib.sha256(n.encode()).hexdigest()):
+        if sum(size[n] for n in held) >= want:
+            break
+        if size[name] <= want / 3:
+            held.append(name)
+    return sorted(held)
+
+
+PROSE = "pydoc_data"  # the family of pydoc_data/topics.py: the prose held-out set, never trained on
+
+
+def write_prose(data):
+    """data/prose.bin (uint32, each topic followed by <|endoftext|>) and prose.json, with the
+    tokenizer of data/; written under .tmp names, then renamed."""
+    from pydoc_data.topics import topics
+    tok, eos, _ = prepare.load_tokenizer(data)
+    texts = [topics[k] for k in sorted(topics)]
+    ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in enc.ids + [eos]]
+    np.array(ids, dtype=np.uint32).tofile(data / "prose.bin.tmp")
+    (data / "prose.bin.tmp").replace(data / "prose.bin")
+    ob.write_json(data / "prose.json", dict(what="pydoc_data.topics.topics: the documentation's prose, one "
+                                            "document per topic, in sorted order", topics=len(texts),
+                                            characters=sum(map(len, texts)), tokens=len(ids),
+                                            sha256=hashlib.sha256("\0".join(texts).encode()).hexdigest()))
+
+
 @dataclass(frozen=True)
 class Base:
     config: ob.Qwen2Config  # the base to pretrain
@@ -42,39 +95,53 @@ class Base:
     val_fraction: float
     pretrain: tuple  # (steps, lr, warmup, micro-batches per step) of train.py --pretrain
     batch: tuple  # (sequences, tokens each) of a micro-batch: pretraining, every run and evaluation
-    eval_batches: int
+    eval_batches: int  # random batches of each split for the curves
     eval_every: int
+    final_tokens: int  # of each split for the final table, in non-overlapping windows
 
 
-# The demo's: 12 layers, hidden 128, 2.9M weights, 500 updates of 2,048 tokens.
+# The demo's: 12 layers, hidden 128, 2.9M weights, 300 updates of 2,048 tokens at a peak lr of 1e-3
+# after 100 of warmup (at 3e-3 the loss spiked, and whether it did hinged on rounding).
 DEMO = Base(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=12,
                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                                   rope_theta=10000.0, tie_word_embeddings=True),
-            every_nth_file=1, val_fraction=0.05, pretrain=(500, 3e-3, 50, 1), batch=(8, 256), eval_batches=16,
-            eval_every=40)
+            every_nth_file=1, val_fraction=0.05, pretrain=(300, 1e-3, 100, 1), batch=(8, 256), eval_batches=8,
+            eval_every=50, final_tokens=2 ** 16)
 
 
-def batch_args(base):
-    """train.py's options for the batch shape and evaluation of `base`, on the CPU."""
+def batch_args(base, data):
+    """train.py's options for the batch shape and evaluation of `base` on the CPU, and the prose
+    held-out set of `data` when it has one."""
+    prose = data / "prose.bin"
     return ["--device", "cpu", "--batch-size", str(base.batch[0]), "--seq-len", str(base.batch[1]),
             "--grad-accum", "1", "--eval-batches", str(base.eval_batches), "--eval-every",
-            str(base.eval_every), "--save-every", str(base.eval_every)]
+            str(base.eval_every), "--save-every", str(base.eval_every), "--final-tokens", str(base.final_tokens),
+            *(["--eval-on", str(prose)] if prose.is_file() else [])]
 
 
-def pretrained_base(work, base, run, log=print, corpus=None):
+def pretrained_base(work, base, run, log=print, corpus=None, seed=0):
     """Stages data/ and base/ in `work` (see the module docstring), from the standard library or
-    from the folder `corpus`; run(out, argv) is train.run_logged. Returns (base checkpoint, data)."""
+    from the folder `corpus`; run(out, argv) is train.run_logged. A `seed` other than 0 pretrains
+    in base-seedN/ instead. Returns (base checkpoint, data)."""
     work = Path(work)
-    data, init, out = work / "data", work / "init", work / "base"
+    data, init, out = work / "data", work / "init", work / ("base" if seed == 0 else f"base-seed{seed}")
     if not (data / "meta.json").is_file():
-        inputs = [corpus] if corpus else stdlib_files(base.every_nth_file)
+        inputs = [corpus] if corpus else [f for f in stdlib_files(base.every_nth_file) if family(f) != PROSE]
+        held = None if corpus else held_out_families(inputs, base.val_fraction)
         log(f"[data] tokenizer ({base.config.vocab_size} tokens) and token files from "
-            f"{corpus or f'the Python {sys.version.split()[0]} standard library ({len(inputs)} files)'}")
+            f"{corpus or f'the Python {sys.version.split()[0]} standard library ({len(inputs)} files)'}"
+            + (f"; held out: the families {', '.join(held)}" if held else ""))
         t0 = time.time()
         prepare.prepare(inputs, None, data, base.val_fraction, vocab_size=base.config.vocab_size,
                         log=lambda *a, **k: None, too_few=f"one in {round(1 / base.val_fraction)} is held out, "
-                        "so give a corpus of more files")
+                        "so give a corpus of more files",
+                        held_out=held and {f for f in inputs if family(f) in held})
+        if held:
+            meta = json.loads((data / "meta.json").read_text())
+            ob.write_json(data / "meta.json", meta | {"held_out_families": held})
         (data / "wall_s.txt").write_text(str(time.time() - t0))
+    if not corpus and not (data / "prose.json").is_file():
+        write_prose(data)
     if not (out / "results.json").is_file():
         init.mkdir(parents=True, exist_ok=True)  # what --pretrain starts from: a config and a tokenizer
         ob.write_json(init / "config.json", base.config.to_dict())
@@ -83,7 +150,7 @@ def pretrained_base(work, base, run, log=print, corpus=None):
         log(f"[base] pretraining {base.config.num_hidden_layers} layers x {base.config.hidden_size} "
             f"for {steps} steps of {accum * base.batch[0] * base.batch[1]:,} tokens (log: {out}/log.txt)")
         argv = ["--pretrain", "--model", str(init), "--data", str(data), "--steps", str(steps), "--lr", str(lr),
-                "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", "0", *batch_args(base),
+                "--warmup", str(warmup), "--weight-decay", "0.1", "--seed", str(seed), *batch_args(base, data),
                 "--grad-accum", str(accum)]
         if not run(out, argv):
             if not (out / "diverged.txt").is_file():  # Ctrl-C: the step it reached is saved
