@@ -371,6 +371,8 @@ class Ouroboros(nn.Module):
             self.controller = Controller(d, rank, max_steps, controller_width)
         elif controller == "static":
             self.controller = StaticModulation(rank, max_steps)
+        elif controller == "blind":  # a control (Part 2): the Controller's network, its input zeroed
+            self.controller = BlindController(d, rank, max_steps, controller_width)
         else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
             self.controller = None
         self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
@@ -655,6 +657,18 @@ def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
+
+# ----------------------------------------------------------------------------------------
+# A control for the static ablation
+
+
+class BlindController(Controller):
+    """controller="blind": the Controller's own network and parameters with its pooled input
+    replaced by zeros, so c_s depends on the step alone. A static per-step table of the
+    Controller's size and optimisation: what is left of "dynamic" when the input is taken away."""
+
+    def forward(self, p, s):
+        return super().forward(torch.zeros_like(p), s)
 
 # ----------------------------------------------------------------------------------------
 # Beyond the paper: per-token adaptive depth (halting)
@@ -1062,7 +1076,7 @@ def check_targets(targets, h, vocab_size):
 
 def check_options(controller, pool, max_steps):
     """The options of Ouroboros that need no weights."""
-    for name, value, allowed in (("controller", controller, ("dynamic", "static", "none")),
+    for name, value, allowed in (("controller", controller, ("dynamic", "static", "none", "blind")),
                                  ("pool", pool, ("causal", "mean"))):
         if value not in allowed:
             raise ValueError(f"{name}={value!r}: choose one of {allowed}")

@@ -45,7 +45,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per 
 # What a run learns depends on every option but these; a resume may change them freely (and
 # --steps may grow: the run goes on, the cosine stretched to the new end).
 FREE = {"model", "data", "out", "resume", "overwrite", "steps", "device", "dtype", "compile", "checkpointing",
-        "eval_every", "eval_batches", "save_every", "eval_full", "peak_flops", "demo", "benchmark"}
+        "eval_every", "eval_batches", "save_every", "eval_full", "peak_flops", "demo", "benchmark", "final_tokens",
+        "eval_on", "eval_depths"}
 
 # ----------------------------------------------------------------------------------------
 # Options: the paper's recipe as defaults, every range checked before anything is loaded
@@ -82,8 +83,9 @@ def parse_args(argv=None):
     a("--prelude", type=int, help="P (default 8 of 36 layers)")
     a("--recurrent", type=int, help="R (default 18 of 36)")
     a("--coda", type=int, help="C (default 8 of 36)")
-    a("--controller", choices=["dynamic", "static", "none"], default="dynamic",
-      help="static: a learned table per step; none: the loop alone (gate and norms train)")
+    a("--controller", choices=["dynamic", "static", "none", "blind"], default="dynamic",
+      help="static: a learned table per step; none: the loop alone (gate and norms train); blind: the "
+      "Controller with its input zeroed (a static control of the Controller's size)")
     a("--pool", choices=["causal", "mean"], default="causal", help="mean: the paper's, sees the future")
     a("--no-gate", action="store_true")
     a("--no-step-norm", action="store_true")
@@ -103,7 +105,13 @@ def parse_args(argv=None):
     a("--warmup", type=int, default=500, help="optimizer steps (not stated in the paper)")
     a("--weight-decay", type=float, default=0.01)
     a("--eval-every", type=positive, default=500)
-    a("--eval-batches", type=positive, default=20)
+    a("--eval-batches", type=positive, default=20, help="random windows of each split for the curves")
+    a("--final-tokens", type=positive, default=2 ** 20, help="the final table scores each split on up to this "
+      "many tokens, in non-overlapping windows (the whole split if it is smaller)")
+    a("--eval-on", action="append", default=[], metavar="FILE.bin", help="another token file (same tokenizer) "
+      "to score in the final table, named by its stem; repeatable")
+    a("--eval-depths", type=depth_list, default=[], help="also score ours at these depths in the final table "
+      "(a test-time depth sweep), e.g. 1,2,4,8,16")
     a("--save-every", type=positive, default=1000)
     a("--device", help="default: cuda if there is one, else cpu")
     a("--dtype", choices=["float32", "bfloat16"], help="frozen weights: default bf16 on CUDA, float32 on CPU")
@@ -149,7 +157,9 @@ def get_batch(tokens, args, key, micro, device):
     return window[:, :-1].to(device), window[:, 1:].to(device)  # x, y: (B, T)
 
 
-TRAIN, VAL, TRAIN_EVAL, DEPTH = range(4)  # independent random streams: training, evaluation, depth draws
+# Independent random streams: training, evaluation, depth draws, and pretraining's own, so that
+# a run on a base pretrained with the same seed never replays the base's batches.
+TRAIN, VAL, TRAIN_EVAL, DEPTH, PRETRAIN = range(5)
 EVAL_SEED = 0  # evaluation batches do not depend on --seed: every seed is scored on the same tokens
 
 
@@ -162,11 +172,32 @@ def mean_over_ranks(x, world):
 
 @torch.no_grad()
 def evaluate(loss_fn, tokens, args, stream, rank, world, device):
-    """Mean next-token loss of loss_fn(x, y) over --eval-batches batches that are the same at every
-    call and for every seed: one protocol for the full model, the baseline and ours."""
+    """Mean next-token loss of loss_fn(x, y) over --eval-batches random batches that are the same at
+    every call and for every seed: the curves while training (and the baseline's line in the log)."""
     losses = [loss_fn(*get_batch(tokens, args, (EVAL_SEED, stream, i, rank), 0, device))
               for i in range(args.eval_batches)]
     return mean_over_ranks(torch.stack(losses).float().mean(), world).item()
+
+
+@torch.no_grad()
+def evaluate_final(loss_fn, tokens, args, rank, world, device):
+    """The final table's protocol: the loss of each batch of --batch-size non-overlapping windows of
+    seq_len + 1 tokens, spread evenly over the whole split (up to --final-tokens; each rank scores its
+    own part, and the parts are gathered). Returns the list of batch losses, all of equal size: the
+    units of a paired bootstrap."""
+    T, n_slots = args.seq_len, (len(tokens) - 1) // args.seq_len
+    n = min(n_slots, max(1, args.final_tokens // (T * world)))  # windows of this rank
+    B = min(args.batch_size, n)
+    starts = (np.arange(n - n % B) * n_slots // n) * T  # evenly spread, never overlapping
+    losses = []
+    for batch in starts.reshape(-1, B):
+        window = torch.from_numpy(np.stack([tokens[j:j + T + 1] for j in batch]).astype(np.int64)).to(device)
+        losses.append(loss_fn(window[:, :-1], window[:, 1:]).item())
+    if world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, losses)
+        losses = [x for part in parts for x in part]
+    return losses
 
 # ----------------------------------------------------------------------------------------
 # Training: the schedule, setup, the loop, the final table
@@ -188,6 +219,8 @@ def setup(args, log, device, world, rank):
         log("demo: a small Qwen2 pretrained on this Python's standard library (cached after the first run), "
             "cut 3 / 6 / 3, then Ouroboros trained on it; baseline and ours scored on held-out files")
         args.model, args.data = map(str, stdlib.pretrained_base(Path(args.out), stdlib.DEMO, run_logged, log))
+        if (Path(args.data) / "prose.bin").is_file():  # the held-out set of another distribution
+            args.eval_on = [*args.eval_on, str(Path(args.data) / "prose.bin")]
         args.out = str(Path(args.out) / "ouroboros")
     cfg = check_model(args)
     run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
@@ -245,21 +278,21 @@ def train(args):
             return (forward(x, y, return_logits=False) if args.pretrain else
                     forward(x, depth, y, return_logits=False))[1]
 
-    def losses(loss_fn):  # every loss in the final table, under evaluate's one protocol
+    def losses(loss_fn):  # the curves' protocol: a few random windows of each split
         return {"train": evaluate(loss_fn, splits["train"], args, TRAIN_EVAL, rank, world, device),
                 "held-out": evaluate(loss_fn, splits["val"], args, VAL, rank, world, device)}
+
+    def final(loss_fn):  # the final table's: every split (and --eval-on's) in non-overlapping windows
+        return {"held-out" if name == "val" else name: evaluate_final(loss_fn, tokens, args, rank, world, device)
+                for name, tokens in splits.items()}
 
     def steps_taken():  # loop steps per token in the last forward pass: --depth, or fewer with halting
         halting = getattr(model, "last_halting", None)
         return halting.steps.mean() if halting else torch.tensor(float(args.depth))
 
     ref = {}
-    if not (args.benchmark or args.pretrain):
+    if not (args.benchmark or args.pretrain):  # the baseline's curve point, for "vs base" in the log
         ref["baseline"] = losses(lambda x, y: model.baseline(x, y, return_logits=False)[1])
-        if args.eval_full:
-            full = ob.Qwen2.from_pretrained(args.model, device=device, dtype=args.dtype and getattr(torch, args.dtype))
-            ref["full"] = losses(lambda x, y: full(x, y, return_logits=False)[1])
-            del full
         log(" | ".join(f"{k}: train {v['train']:.4f} held-out {v['held-out']:.4f}" for k, v in ref.items()))
 
     # The loop: one optimizer step per iteration. Ctrl-C (or a scheduler's SIGTERM) lets the step
@@ -278,7 +311,8 @@ def train(args):
         depth = args.depths[np.random.default_rng((args.seed, DEPTH, step)).integers(len(args.depths))]
         loss_sum, steps_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            x, y = get_batch(splits["train"], args, (args.seed, TRAIN, step, rank), micro, device)
+            x, y = get_batch(splits["train"], args, (args.seed, PRETRAIN if args.pretrain else TRAIN, step, rank),
+                             micro, device)
             loss = loss_of(x, depth, y)
             loss_sum += loss.detach()
             if args.ponder_cost is not None:  # ACT: the loss plus the cost of the steps each token took
@@ -307,7 +341,8 @@ def train(args):
                  mfu=peak and ob.flops_per_token(model, depth, args.seq_len) * tokens_per_step / dt / (peak * world),
                  eta_s=(time.perf_counter() - t_start) / (step + 1 - start) * (args.steps - step - 1))
         if not args.benchmark and ((step + 1) % args.eval_every == 0 or step + 1 == args.steps):
-            m["val_loss"] = losses(lambda x, y: loss_of(x, args.depth, y))["held-out"]
+            m["val_loss"] = evaluate(lambda x, y: loss_of(x, args.depth, y), splits["val"], args, VAL, rank, world,
+                                     device)
         log(log_line(m, args))
         if rank == 0 and not args.benchmark:
             with open(out / "metrics.jsonl", "a") as f:
@@ -323,7 +358,7 @@ def train(args):
     for sig in (signal.SIGINT, signal.SIGTERM):  # the final evaluation stops at Ctrl-C; --resume redoes it
         signal.signal(sig, signal.default_int_handler)
     try:
-        report(args, model, history, ref, losses, loss_of, steps_taken, log, rank)
+        report(args, model, history, final, loss_of, steps_taken, log, rank)
     except KeyboardInterrupt:
         sys.exit(f"interrupted in the final evaluation: the run is saved in {out}; the same command with "
                  "--resume writes its results")
@@ -344,8 +379,9 @@ def log_line(m, args):
             + (f" | held-out {m['val_loss']:.4f}" if "val_loss" in m else ""))
 
 
-def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
-    """The benchmark's medians, or the final table: every figure a loss of evaluate's protocol."""
+def report(args, model, history, final, loss_of, steps_taken, log, rank):
+    """The benchmark's medians, or the final table: every loss under evaluate_final's protocol. The
+    means go to OUT/results.json, the batch losses behind them to OUT/windows.json (paired intervals)."""
     median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
     if args.benchmark:  # the first step pays for warm-up (allocation, compilation): left out
         timed = history[1:] or history
@@ -353,30 +389,42 @@ def report(args, model, history, ref, losses, loss_of, steps_taken, log, rank):
         log(f"benchmark: {median([m['tok_s'] for m in timed]):,.0f} tok/s | MFU {show(mfu, '.1%')} | peak memory "
             f"{history[-1]['mem_gb']:.2f} GB (median of {len(timed)} steps, depth {args.depths})")
         return
-    name = "model" if args.pretrain else "ours"
-    res = {**ref, name: losses(lambda x, y: loss_of(x, args.depth, y))}
-    if not args.pretrain:  # the loop steps a token took (with halting: one more pass), and their cost
-        res["mean depth"] = (losses(lambda x, y: (loss_of(x, args.depth, y), steps_taken())[1])
-                             if args.ponder_cost is not None else dict.fromkeys(res[name], float(args.depth)))
-        res["forward GFLOP per token"] = {s: ob.forward_flops(model, d, args.depth) / 1e9
-                                          for s, d in res["mean depth"].items()}
+    name, scored = ("model" if args.pretrain else "ours"), {}  # row: {split: batch losses}
+    if not args.pretrain:
+        scored["baseline"] = final(lambda x, y: model.baseline(x, y, return_logits=False)[1])
+        if args.eval_full:
+            full = ob.Qwen2.from_pretrained(args.model, device=model.base.model.norm.weight.device,
+                                            dtype=args.dtype and getattr(torch, args.dtype))
+            scored["full"] = final(lambda x, y: full(x, y, return_logits=False)[1])
+            del full
+    scored[name] = final(lambda x, y: loss_of(x, args.depth, y))
+    for d in args.eval_depths:  # a test-time depth sweep: the same weights, looped d times
+        scored[f"ours, depth {d}"] = final(lambda x, y, d=d: loss_of(x, d, y))
     if args.pool == "mean" and not args.pretrain:  # the same weights, pooled over the prefix only
         model.pool = "causal"  # what generation sees: the gain that is left without the future
-        res["ours, prefix-pooled"] = losses(lambda x, y: loss_of(x, args.depth, y))
+        scored["ours, prefix-pooled"] = final(lambda x, y: loss_of(x, args.depth, y))
         model.pool = "mean"
-    if ref:
+    res = {row: {s: sum(v) / len(v) for s, v in splits.items()} for row, splits in scored.items()}
+    if not args.pretrain:  # the loop steps a token took (with halting: one more pass), and their cost
+        res["mean depth"] = ({s: sum(v) / len(v) for s, v in final(
+            lambda x, y: (loss_of(x, args.depth, y), steps_taken())[1]).items()}
+            if args.ponder_cost is not None else dict.fromkeys(res[name], float(args.depth)))
+        res["forward GFLOP per token"] = {s: ob.forward_flops(model, d, args.depth) / 1e9
+                                          for s, d in res["mean depth"].items()}
         b, f, o = res["baseline"], res.get("full"), res["ours"]
         res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
         if f:
             res["gap recovered %"] = {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b}
     what = f"{name}: {'' if args.pretrain else f'depth {args.depth}, '}{args.steps} steps"
-    log(f"{'':<22}{'train':>10}{'held-out':>10}   ({what})")
+    log(f"{'':<22}" + "".join(f"{s:>10}" for s in res[name]) + f"   ({what})")
     for row, v in res.items():
-        log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in ("train", "held-out")))
+        log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in res[name]))
     if rank == 0:
         trained = [m for m in history[1:] or history]
         res["run"] = dict(steps=args.steps, depth=args.depth, trainable=sum(p.numel() for _, p in trainables(model)),
-                          tok_s=median([m["tok_s"] for m in trained]) if trained else None)
+                          tok_s=median([m["tok_s"] for m in trained]) if trained else None,
+                          final_batches={s: len(v) for s, v in scored[name].items()})
+        ob.write_json(Path(args.out) / "windows.json", scored)
         ob.write_json(Path(args.out) / "results.json", res)
 
 
@@ -426,7 +474,7 @@ def check_model(args):
 
 
 def load_data(args, cfg, rank, world):
-    """This rank's share of train.bin and val.bin, once they are known to fit this model."""
+    """This rank's share of train.bin, val.bin and the --eval-on files, once they are known to fit this model."""
     data = Path(args.data)
     meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
                         f"--out {data}; see the README's Data section")
@@ -437,15 +485,20 @@ def load_data(args, cfg, rank, world):
     if meta.get("vocab_size", math.inf) > cfg.vocab_size:
         raise ValueError(f"{data}/meta.json: vocab_size {meta.get('vocab_size')} exceeds the model's "
                          f"{cfg.vocab_size}")
-    splits = {}
-    for split in ("train", "val"):
-        file, n = data / f"{split}.bin", meta.get(f"{split}_tokens", 0)
+    splits, files = {}, {"train": data / "train.bin", "val": data / "val.bin"}
+    for f in map(Path, args.eval_on):  # scored in the final table only, under the stem of its name
+        if f.stem in files or not f.is_file() or f.stat().st_size % 4:
+            raise ValueError(f"--eval-on {f}: " + ("the name of a split already scored" if f.stem in files else
+                                                   "not a file of uint32 tokens"))
+        files[f.stem] = f
+    for split, file in files.items():
+        n = meta.get(f"{split}_tokens", 0) if split in ("train", "val") else file.stat().st_size // 4
         if file.stat().st_size != 4 * n:
             raise ValueError(f"{file}: {file.stat().st_size:,} bytes, but meta.json says {n:,} uint32 tokens "
                              "(truncated? prepare the data again)")
         lo, hi = rank * n // world, (rank + 1) * n // world  # each rank its own part
         if hi - lo <= args.seq_len:
-            raise ValueError(f"{data}/{split}.bin: {hi - lo:,} tokens{' per rank' * (world > 1)} are too "
+            raise ValueError(f"{file}: {hi - lo:,} tokens{' per rank' * (world > 1)} are too "
                              f"few for --seq-len {args.seq_len} (+1 for the shifted targets)")
         part = np.memmap(file, dtype=np.uint32, mode="r")[lo:hi]
         if (top := int(part.max())) >= cfg.vocab_size:  # one pass over the file, before the model loads
