@@ -1,23 +1,27 @@
 """
-Ouroboros in miniature: the paper's tables on a small pretrained Qwen2, on a CPU, offline.
+Ouroboros in miniature: the paper's claims tested on a small pretrained Qwen2, on a CPU, offline,
+with seeds, controls and paired intervals.
 
-    python experiments/miniature.py           # the whole study: under an hour on 2 CPU cores
-    python experiments/miniature.py --quick   # the same pipeline at a smoke budget: about a minute
+    python experiments/miniature.py           # the whole study: about 2 hours on 2 CPU cores
+    python experiments/miniature.py --quick   # the same pipeline at a smoke budget: a few minutes
     python experiments/miniature.py --fresh   # redo every stage instead of reusing what is done
 
 Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue where it stopped):
   1. corpus  the Python standard library of this interpreter: real text that nobody here wrote,
-             on every machine (or --corpus DIR). One file is one document; files are held out
-             whole, deterministically (data/prepare.py's every-(1/f)-th rule).
-  2. data    a byte-level BPE tokenizer trained on the training files, then train.bin / val.bin
-  3. base    a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch: train.py --pretrain
-             (stages 1-3 are data/stdlib.py's, shared with train.py --demo)
-  4. runs    every variant of the paper's tables: train.py on the base cut 3 / 6 / 3 (the paper's
-             8 / 18 / 8 of 36 in proportion), all with the same steps, data order (per seed) and
-             evaluation batches; the headline rows with 3 seeds. Then beyond the paper: coda
-             adapters against a wider Controller (3 seeds), and adaptive depth against fixed depths
-  5. report  experiments/results/miniature.json (every run), miniature.md (the table),
-             miniature.png and miniature-depth.png (need matplotlib: pip install matplotlib)
+             on every machine (or --corpus DIR). One file is one document.
+  2. data    a byte-level BPE tokenizer trained on the training files, then train.bin, val.bin
+             (whole module families held out) and prose.bin (the documentation's English prose,
+             another distribution, never trained on): data/stdlib.py
+  3. bases   a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch (train.py
+             --pretrain, its own data stream), and a second one from another seed
+  4. runs    every row below: train.py on a base cut 3 / 6 / 3 (the paper's 8 / 18 / 8 of 36 in
+             proportion), all with the same steps and batch shape, data order per seed, and one
+             final protocol: non-overlapping windows over the whole held-out sets
+  5. report  experiments/results/miniature.json (every run, every interval), miniature.md (the
+             tables), miniature.png and miniature-depth.png (need matplotlib)
+
+Every comparison is paired: two rows scored on the same evaluation batches, their difference
+bootstrapped over those batches and, where both rows have several seeds, over the seeds.
 """
 import signal
 import sys
@@ -39,6 +43,7 @@ from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import ouroboros as ob  # noqa: E402
@@ -51,75 +56,153 @@ class Budget(stdlib.Base):  # the base to pretrain (data/stdlib.py), then:
     steps: int  # of every Ouroboros run
     lr: float
     warmup: int
-    seeds: tuple  # of the headline rows
+    seeds: tuple  # of the rows run with every seed
     ranks: tuple  # the rank ablation (each must fit the base's smallest projection)
+    lrs: tuple  # the learning-rate sweep: the rates tried besides lr, with the first seed
+    second_base: int  # the pretraining seed of the second base
 
 
-# The demo's base, pretrained longer (800 updates, not 500).
-FULL = Budget(**vars(stdlib.DEMO) | dict(pretrain=(800, 3e-3, 80, 1)), steps=200, lr=2e-3, warmup=20,
-              seeds=(0, 1, 2), ranks=(8, 32))
+# The demo's base recipe, pretrained longer (800 updates, not 300); final scores over 640 windows
+# of 256 tokens per split: the whole of both held-out sets.
+FULL = Budget(**vars(stdlib.DEMO) | dict(pretrain=(800, *stdlib.DEMO.pretrain[1:]), final_tokens=640 * 256),
+              steps=200, lr=2e-3,
+              warmup=20, seeds=(0, 1, 2), ranks=(8, 32), lrs=(6e-4, 6e-3), second_base=1)
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
-               every_nth_file=25, val_fraction=0.1, pretrain=(10, 3e-3, 1, 1), steps=4, lr=2e-3, warmup=1,
-               batch=(4, 64), eval_batches=2, eval_every=2, seeds=(0, 1), ranks=(8, 32))
-
-# The table's rows: (name, train.py options). The headline rows run once per seed; the rank rows
-# come from the budget. Every row not named here runs at depth 4, rank 8, causal pool, gate, norms.
-HEADLINE = [("loop alone (no modulation)", ["--controller", "none"]),
-            ("static per-step LoRA, depth 4", ["--controller", "static"]),
-            ("dynamic, depth 4 (ours)", []),
-            ("dynamic, depth 1", ["--depth", "1"])]
-ONCE = [("dynamic, mean pool (the paper's)", ["--pool", "mean"]),
-        ("dynamic, no gate", ["--no-gate"]),
-        ("dynamic, no per-step norm", ["--no-step-norm"]),
-        ("dynamic, depth 8", ["--depth", "8"]),
-        ("dynamic, depth 16", ["--depth", "16"]),
-        ("static per-step LoRA, depth 1", ["--controller", "static", "--depth", "1"])]
+               every_nth_file=25, val_fraction=0.1, pretrain=(10, 1e-3, 1, 1), steps=4, lr=2e-3, warmup=1,
+               batch=(4, 64), eval_batches=2, eval_every=2, final_tokens=2048, seeds=(0, 1), ranks=(8, 32),
+               lrs=(6e-3,), second_base=1)
 
 
-# Beyond the paper, its two open problems. Coda adapters (rank 8: 3 layers x 8 x 2,432 = 58,368
-# numbers) against a Controller given about as many more instead (width 150 for 128: +57,310), so
-# that a gain can be told from capacity; and per-token adaptive depth (ACT halting, at most 8
-# steps) at a few ponder costs, against the fixed depths 1, 2, 4 and 8.
-CODA = [("dynamic + coda adapters (rank 8), depth 4", ["--coda-rank", "8"]),
-        ("dynamic, wider Controller (E = 150), depth 4", ["--controller-width", "150"])]
-ADAPTIVE = [(f"adaptive depth (at most 8), ponder cost {c}", ["--depth", "8", "--ponder-cost", str(c)])
-            for c in (0.001, 0.01, 0.1)] + [("dynamic, depth 2", ["--depth", "2"])]
+@dataclass(frozen=True)
+class Row:
+    name: str
+    options: list  # train.py's; every row runs at depth 4, rank 8, causal pool, gate, norms unless it says
+    seeds: str = "all"  # "all": every seed of the budget; "one": the first
+    sweep: bool = False  # also scored at depths 1, 2, 4, 8 and 16 (first seed): a test-time depth sweep
+
+
+LOOP, OURS, BASELINE = "loop alone, depth 4", "dynamic, depth 4 (ours)", "baseline model"
+CODA_ALONE = "coda adapters on the baseline (no loop)"
+NONE, D1 = ["--controller", "none"], ["--depth", "1"]
+ROWS = [
+    # The paper's tables, and the controls they need.
+    Row("loop alone, depth 1", NONE + D1),  # only the gate and norms train
+    Row(LOOP, NONE),
+    Row("static table, depth 4", ["--controller", "static"]),  # the paper's static ablation: 7 x 8 per step
+    Row("static, Controller-sized, depth 4", ["--controller", "blind"]),  # the Controller, input zeroed
+    Row(OURS, [], sweep=True),
+    Row("dynamic, depth 1", D1),
+    Row("static table, depth 1", ["--controller", "static", *D1], "one"),
+    Row("dynamic, depth 2", ["--depth", "2"], "one"),
+    Row("dynamic, depth 8", ["--depth", "8"]),
+    Row("dynamic, depth 16", ["--depth", "16"]),
+    Row("authors' protocol: depth drawn from 4, 8, 16", ["--depths", "4,8,16"], sweep=True),
+    Row("dynamic, mean pool (the paper's)", ["--pool", "mean"], "one"),
+    Row("dynamic, no gate", ["--no-gate"], "one"),
+    Row("dynamic, no per-step norm", ["--no-step-norm"]),
+    Row("dynamic, no per-step norm, depth 16", ["--no-step-norm", "--depth", "16"]),
+    Row("dynamic, no gate, no per-step norm", ["--no-gate", "--no-step-norm"]),
+    # Beyond the paper: coda adapters (rank 8: 3 layers x 8 x 2,432 = 58,368 numbers), on the
+    # baseline alone and with the loop, against a Controller given about as many more (width 150
+    # for 128: +57,310); and per-token adaptive depth (ACT halting, at most 8 steps).
+    Row(CODA_ALONE, [*NONE, *D1, "--no-gate", "--no-step-norm", "--coda-rank", "8"]),
+    Row("dynamic + coda adapters, depth 4", ["--coda-rank", "8"]),
+    Row("dynamic, wider Controller (E = 150)", ["--controller-width", "150"]),
+    *(Row(f"adaptive depth (at most 8), ponder cost {c}", ["--depth", "8", "--ponder-cost", str(c)], "one")
+      for c in (0.001, 0.01, 0.1))]
+SWEPT = [LOOP, "static table, depth 4", OURS, "dynamic + coda adapters, depth 4"]  # the learning-rate sweep
+SECOND = [LOOP, "static table, depth 4", OURS, "dynamic, depth 1"]  # again on the second base
+SWEEP_DEPTHS = (1, 2, 4, 8, 16)
+AUTHORS = "authors' protocol: depth drawn from 4, 8, 16"
+FIXED = {1: "dynamic, depth 1", 2: "dynamic, depth 2", 4: OURS, 8: "dynamic, depth 8", 16: "dynamic, depth 16"}
+
+# The claims (and the controls' questions): A − B, what the paper expects of it ("lower": A below
+# B; "equal": no difference), the held-out set that decides it.
+CLAIMS = [
+    ("1. the loop recovers part of the gap (depth 4)", OURS, BASELINE, "lower"),
+    ("1. ... and the Controller adds to the loop alone", OURS, LOOP, "lower"),
+    ("1. the loop alone at depth 4 against depth 1", LOOP, "loop alone, depth 1", "lower"),
+    ("2. dynamic beats the static table (depth 4)", OURS, "static table, depth 4", "lower"),
+    ("2. dynamic beats a Controller-sized static control", OURS, "static, Controller-sized, depth 4", "lower"),
+    ("2. dynamic beats the static table (depth 1)", "dynamic, depth 1", "static table, depth 1", "lower"),
+    ("3. the gate is needed", OURS, "dynamic, no gate", "lower"),
+    ("4. the per-step norm helps (depth 4)", OURS, "dynamic, no per-step norm", "lower"),
+    ("4. the per-step norm helps (depth 16)", "dynamic, depth 16", "dynamic, no per-step norm, depth 16", "lower"),
+    ("4. the norm helps where there is no gate", "dynamic, no gate", "dynamic, no gate, no per-step norm", "lower"),
+    ("5. depth 4 against depth 1", OURS, "dynamic, depth 1", "lower"),
+    ("5. depth 8 against depth 4 (invariance: equal)", "dynamic, depth 8", OURS, "equal"),
+    ("5. depth 16 against depth 8 (invariance: equal)", "dynamic, depth 16", "dynamic, depth 8", "equal"),
+    ("5. authors' protocol (4, 8, 16 drawn) against depth 4", "authors' protocol: depth drawn from 4, 8, 16",
+     OURS, "equal"),
+    ("7. the mean pool's leak (as it generates, against as trained)",
+     "dynamic, mean pool (the paper's), prefix-pooled (as it generates)", "dynamic, mean pool (the paper's)",
+     "equal"),
+    ("7. causal pool against the paper's mean pool (as it generates)", OURS,
+     "dynamic, mean pool (the paper's), prefix-pooled (as it generates)", "equal"),
+    ("rank 32 against rank 8", "dynamic, depth 4, rank 32", OURS, "equal"),
+    ("coda adapters on the baseline, no loop", CODA_ALONE, BASELINE, "lower"),
+    ("coda adapters: with the loop against without", "dynamic + coda adapters, depth 4", CODA_ALONE, "lower"),
+    ("coda adapters added to dynamic", "dynamic + coda adapters, depth 4", OURS, "lower"),
+    ("a wider Controller (as many more weights) added to dynamic", "dynamic, wider Controller (E = 150)", OURS,
+     "lower"),
+    ("second base: dynamic beats the static table", f"{OURS} [second base]", "static table, depth 4 [second base]",
+     "lower"),
+    ("second base: the Controller adds to the loop alone", f"{OURS} [second base]", f"{LOOP} [second base]",
+     "lower"),
+]
+
+
+@dataclass(frozen=True)
+class Run:
+    row: str
+    options: list
+    seed: int
+    base: int = 0  # the pretraining seed of the base it trains on
+
+    @property
+    def folder(self):
+        return f"{slug(self.row)}-seed{self.seed}"
 
 
 def runs(budget):
-    """Every (row, options, seed) of the study, in the order they run."""
-    ranks = [(f"dynamic, depth 4, rank {r}", ["--rank", str(r)]) for r in budget.ranks if r != 8]
-    return ([(row, opts, s) for s in budget.seeds for row, opts in HEADLINE] +
-            [(row, opts, budget.seeds[0]) for row, opts in ONCE + ranks] +
-            [(row, opts, s) for s in budget.seeds for row, opts in CODA] +
-            [(row, opts, budget.seeds[0]) for row, opts in ADAPTIVE])
+    """Every Run of the study, in the order they run: each seed in turn over the rows that have it,
+    then the second base, then the learning-rate sweep."""
+    sweep = ["--eval-depths", ",".join(map(str, SWEEP_DEPTHS))]
+    rows = ROWS + [Row(f"dynamic, depth 4, rank {r}", ["--rank", str(r)], "one") for r in budget.ranks if r != 8]
+    todo = [Run(r.name, r.options + (sweep if r.sweep and s == budget.seeds[0] else []), s)
+            for s in budget.seeds for r in rows if r.seeds == "all" or s == budget.seeds[0]]
+    options = {r.name: r.options for r in rows}
+    todo += [Run(f"{name} [second base]", options[name], budget.seeds[0], budget.second_base) for name in SECOND]
+    todo += [Run(f"{name}, lr {lr:g}", options[name] + ["--lr", str(lr)], budget.seeds[0])
+             for lr in budget.lrs for name in SWEPT]
+    return todo
 
 # ----------------------------------------------------------------------------------------
 # Stage 4: the runs
 
 
-def run_all(work, budget, base_dir, data, log):
+def run_all(work, budget, bases, data, log):
     todo = runs(budget)
-    cost = lambda opts: 6 + int(dict(zip(opts[::2], opts[1::2])).get("--depth", 4))  # noqa: E731  ~ calls per token
-    total, done, t0 = sum(cost(o) for _, o, _ in todo), 0, time.time()
-    spent = 0  # the cost of the runs that ran now (not the cached ones), for the ETA
-    for i, (row, opts, seed) in enumerate(todo, 1):
-        full = ["--eval-full"] if i == 1 else []  # the full model's losses are the same for every run
-        out = work / "runs" / f"{slug(row)}-seed{seed}"
+    cost = lambda run: 6 + int(dict(zip(run.options[::2], run.options[1::2])).get("--depth", 4))  # noqa: E731
+    total, done, t0 = sum(map(cost, todo)), 0, time.time()
+    spent, first = 0, {}  # the cost of the runs that ran now (not the cached ones), for the ETA
+    for i, run in enumerate(todo, 1):
+        full = ["--eval-full"] if first.setdefault(run.base, run) == run else []  # once per base
+        out = work / "runs" / run.folder
         if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
-            log(f"[runs] {i}/{len(todo)} {row}, seed {seed}"
+            log(f"[runs] {i}/{len(todo)} {run.row}, seed {run.seed}"
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
-            finished = train.run_logged(out, ["--model", str(base_dir), "--data", str(data),
+            finished = train.run_logged(out, ["--model", str(bases[run.base]), "--data", str(data),
                                               "--steps", str(budget.steps), "--lr", str(budget.lr),
-                                              "--warmup", str(budget.warmup), "--seed", str(seed),
-                                              *full, *stdlib.batch_args(budget), *opts])
+                                              "--warmup", str(budget.warmup), "--seed", str(run.seed),
+                                              *full, *stdlib.batch_args(budget, data), *run.options])
             if not (finished or (out / "diverged.txt").is_file()):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
-            spent += cost(opts)
-        done += cost(opts)
+            spent += cost(run)
+        done += cost(run)
 
 
 def slug(row):
@@ -129,135 +212,253 @@ def slug(row):
 # Stage 5: the report
 
 
+SPLITS = {"held-out": "held-out modules", "prose": "held-out prose", "train": "training-file windows"}
+HELD_OUT = ("held-out", "prose")
+
+
 def collect(work, budget):
-    """One record per run: options, seed, losses, reduction and gap, trainable count, tok/s, loop steps
-    per token and their forward FLOPs (ob.forward_flops, from the run's saved options), curve."""
-    records, todo = [], runs(budget)
-    first = json.loads((work / "runs" / f"{slug(todo[0][0])}-seed{todo[0][2]}" / "results.json").read_text())
-    for row, opts, seed in todo:
-        out = work / "runs" / f"{slug(row)}-seed{seed}"
+    """Every scored model of the study: {row: {"seeds": [...], "windows": {split: (seeds, batches)},
+    plus the first seed's results (options, depth, FLOPs, trainable, tok/s, curve)}}. A run scores
+    several rows: the frozen baseline and full model (the first run of each base), its own, and
+    those of a depth sweep or of prefix pooling."""
+    rows = {}
+
+    def add(row, seed, windows, **info):
+        r = rows.setdefault(row, dict(seeds=[], windows={}, **info))
+        r["seeds"].append(seed)
+        for split, losses in windows.items():
+            r["windows"].setdefault(split, []).append(losses)
+
+    for run in runs(budget):
+        out = work / "runs" / run.folder
+        tag = " [second base]" if run.base else ""
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        rec = dict(row=row, options=opts, seed=seed, curve=[(m["step"], m["val_loss"]) for m in metrics
-                                                            if "val_loss" in m])
+        curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         if (out / "diverged.txt").is_file():
-            records.append({**rec, "diverged": (out / "diverged.txt").read_text()})
+            rows.setdefault(run.row, dict(seeds=[], windows={}, diverged=(out / "diverged.txt").read_text()))
             continue
-        res = json.loads((out / "results.json").read_text())
+        res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
         options = train.saved_options(json.loads((out / "state.json").read_text()))
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
-        depth = res.get("mean depth", {}).get("held-out", res["run"]["depth"])  # with halting: fewer steps
-        for name, key in (("ours", row), ("ours, prefix-pooled", row + ", prefix-pooled (as it generates)")):
-            if name in res:
-                b, f, o = res["baseline"], first["full"], res[name]
-                records.append({**rec, "row": key, "train": o["train"], "held-out": o["held-out"],
-                                "reduction %": {s: 100 * (b[s] - o[s]) / b[s] for s in b},
-                                "gap recovered %": {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b},
-                                "trainable": res["run"]["trainable"], "tok_s": res["run"]["tok_s"],
-                                "mean depth": depth,
-                                "forward GFLOP per token": ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9,
-                                "reference": {"full": f, "baseline": b}})
-    return records
+        depth = res["mean depth"]["held-out"]  # with halting: fewer steps than --depth
+        for ref in ("baseline", "full"):  # frozen: every run scores the same numbers; keep the first
+            if ref in scored and f"{ref} model{tag}" not in rows:
+                add(f"{ref} model{tag}", None, scored[ref], trainable=0)
+        info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], curve=curve, options=run.options)
+        add(run.row, run.seed, scored["ours"], depth=depth, **info,
+            flops=ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9)
+        if "ours, prefix-pooled" in scored:
+            add(f"{run.row}, prefix-pooled (as it generates)", run.seed, scored["ours, prefix-pooled"], depth=depth,
+                **info, flops=ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9)
+        for d in SWEEP_DEPTHS:
+            if f"ours, depth {d}" in scored:
+                add(f"{run.row}, evaluated at depth {d}", run.seed, scored[f"ours, depth {d}"], depth=d,
+                    **info, flops=ob.forward_flops(shape, d, d) / 1e9)
+    for r in rows.values():  # the frozen models: one set of windows, the same for every seed
+        r["mean"] = {s: float(np.mean(w)) for s, w in r["windows"].items()}
+        r["by seed"] = {s: [float(np.mean(x)) for x in w] for s, w in r["windows"].items()}
+    return rows
 
 
-def table(records, config):
-    """Markdown: one line per row, mean ± standard deviation over seeds where there are several."""
-    def cell(xs, spec):  # one value where the seeds cannot differ (a count, a fixed depth)
-        same = len(set(xs)) == 1
-        return format(xs[0], spec) if same else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
-    ref = next(r["reference"] for r in records if "reference" in r)
-    lines = ["| variant | seeds | train loss | held-out loss | loss reduction % (train) | gap recovered % (train)"
-             " | gap recovered % (held-out) | loop steps per token | forward MFLOP per token | trainable |",
-             "|" + " --- |" * 10]
-    P, _, C, _ = ob.split_layers(config.num_hidden_layers)
-    for name, layers in (("full", config.num_hidden_layers), ("baseline", f"pruned, {P + 1 + C}")):
-        lines.append(f"| {name} model ({layers} layers) | - | "
-                     f"{ref[name]['train']:.4f} | {ref[name]['held-out']:.4f} | | | | | | 0 |")
-    for row in dict.fromkeys(r["row"] for r in records):
-        rs = [r for r in records if r["row"] == row]
-        if "diverged" in rs[0]:
-            lines.append(f"| {row} | {len(rs)} | diverged: {rs[0]['diverged'].split(':')[1].strip()} | | | | | | | |")
+def paired(a, b, resamples=2000):
+    """Mean of A − B over the evaluation batches and a 95% bootstrap interval. a, b: (seeds, batches)
+    losses of the same batches, the seeds in the same order (a frozen model's single row is repeated);
+    the batches are resampled, and the seeds too when there are several."""
+    d = np.asarray(a) - np.asarray(b)
+    S, N = d.shape
+    rng = np.random.default_rng(0)  # the same resamples every time the report is written
+    seeds = rng.integers(0, S, (resamples, S)) if S > 1 else np.zeros((resamples, 1), int)
+    stats = d[seeds[:, :, None], rng.integers(0, N, (resamples, N))[:, None, :]].mean((1, 2))
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), seeds=S, batches=N)
+
+
+def compare(rows, a, b, split):
+    """paired() of rows a and b on split, over the seeds they share (a frozen model has them all)."""
+    ra, rb = rows[a], rows[b]
+    if split not in ra["windows"] or split not in rb["windows"]:
+        return None
+    common = [s for s in ra["seeds"] if s in rb["seeds"] or rb["seeds"] == [None]]
+    if not common:
+        return None
+    pick = lambda r, s: r["windows"][split][r["seeds"].index(s) if r["seeds"] != [None] else 0]  # noqa: E731
+    return paired([pick(ra, s) for s in common], [pick(rb, s) for s in common])
+
+
+def verdict(c, expect):
+    """The reading of A − B: against the paper's expectation, decided by the interval alone."""
+    if c is None:
+        return "-"
+    if expect == "lower":
+        return "reproduced" if c["hi"] < 0 else "reversed" if c["lo"] > 0 else "not distinguishable"
+    return ("not distinguishable (as claimed)" if c["lo"] <= 0 <= c["hi"] else
+            f"not reproduced: A {'lower' if c['hi'] < 0 else 'higher'}")
+
+
+def ci(c, spec=".4f"):
+    return "-" if c is None else f"{c['diff']:+{spec}} [{c['lo']:+{spec}}, {c['hi']:+{spec}}]"
+
+
+def mean_sd(xs, spec=".4f"):
+    return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
+
+
+def tables(rows):
+    """Markdown: every row (mean ± sd over seeds, gap recovered, Δ against the loop alone with its
+    interval), then every claim with its paired interval and reading, then the depth sweep."""
+    splits = [s for s in SPLITS if s in rows[BASELINE]["mean"]]
+    held = [s for s in splits if s != "train"]
+    head = (["variant", "seeds"] + [f"{SPLITS[s]} loss" for s in splits] + [f"gap recovered % ({SPLITS[s]})"
+            for s in held] + [f"Δ {SPLITS[s]} vs loop alone, depth 4 [95% CI]" for s in held] +
+            ["loop steps per token", "forward MFLOP per token", "trainable"])
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for name, r in rows.items():
+        if "diverged" in r:
+            lines.append(f"| {name} | {len(r['seeds'])} | diverged: {r['diverged'].split(':')[1].strip()} |"
+                         + " |" * (len(head) - 3))
             continue
-        lines.append(f"| {row} | {len(rs)} | " + " | ".join([
-            cell([r["train"] for r in rs], ".4f"), cell([r["held-out"] for r in rs], ".4f"),
-            cell([r["reduction %"]["train"] for r in rs], ".1f"),
-            cell([r["gap recovered %"]["train"] for r in rs], ".1f"),
-            cell([r["gap recovered %"]["held-out"] for r in rs], ".1f"), cell([r["mean depth"] for r in rs], ".2f"),
-            cell([r["forward GFLOP per token"] * 1e3 for r in rs], ".2f"), f"{rs[0]['trainable']:,}"]) + " |")
+        tag = " [second base]" if name.endswith("[second base]") else ""
+        b, f = rows[BASELINE + tag]["mean"], rows["full model" + tag]["mean"]  # of its own base
+        seeds = "-" if r["seeds"] == [None] else str(len(r["seeds"]))
+        cells = [mean_sd(r["by seed"][s]) for s in splits]
+        cells += [mean_sd([100 * (b[s] - x) / (b[s] - f[s]) for x in r["by seed"][s]], ".1f") for s in held]
+        cells += ["" if seeds == "-" or name == LOOP + tag else ci(compare(rows, name, LOOP + tag, s)) for s in held]
+        cells += [f"{r['depth']:.2f}" if "depth" in r else "", f"{1e3 * r['flops']:.2f}" if "flops" in r else "",
+                  f"{r['trainable']:,}"]
+        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+    claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI]" for s in held)
+              + " | reading (held-out modules) | reading (held-out prose) |", "|" + " --- |" * (6 + len(held))]
+    for claim, a, bb, expect in CLAIMS:
+        if a in rows and bb in rows and "diverged" not in rows[a] and "diverged" not in rows[bb]:
+            cs = [compare(rows, a, bb, s) for s in held]
+            claims.append(f"| {claim} | {a} | {bb} | {cs[0]['seeds']} | " + " | ".join(map(ci, cs)) + " | "
+                          + " | ".join(verdict(c, expect) for c in cs) + (" | -" * (2 - len(held))) + " |")
+    sweep = ["", "| evaluated at depth | " + " | ".join(
+        f"{who}, {SPLITS[s]}" for who in ("authors' protocol", "trained at depth 4", "trained at that depth")
+        for s in held) + " |", "|" + " --- |" * (1 + 3 * len(held))]
+    for d in SWEEP_DEPTHS:
+        cells = []
+        for who in (f"{AUTHORS}, evaluated at depth {d}", f"{OURS}, evaluated at depth {d}", FIXED[d]):
+            cells += [f"{rows[who]['by seed'][s][0]:.4f}" if who in rows and s in rows[who]["by seed"] else "-"
+                      for s in held]
+        sweep.append(f"| {d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines + claims + sweep) + "\n"
+
+
+def lr_table(rows, budget):
+    """The learning-rate sweep (first seed): each variant's losses at each rate, its best rate by the
+    training-file windows (never by a held-out set), and the variants compared at their best rates."""
+    rates = sorted((budget.lr, *budget.lrs))
+    name = lambda v, lr: v if lr == budget.lr else f"{v}, lr {lr:g}"  # noqa: E731
+    head = ["variant"] + [f"lr {lr:g}: train / held-out modules" for lr in rates] + ["best rate (by train)",
+                                                                                      "Δ held-out modules vs loop alone, both at best [95% CI]"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    best = {}
+    for v in SWEPT:
+        first = lambda r: {s: x[0] for s, x in rows[r]["by seed"].items()}  # noqa: E731
+        got = {lr: first(name(v, lr)) for lr in rates if name(v, lr) in rows and "diverged" not in rows[name(v, lr)]}
+        best[v] = min(got, key=lambda lr: got[lr]["train"])
+        lines.append(f"| {v} | " + " | ".join(f"{got[lr]['train']:.4f} / {got[lr]['held-out']:.4f}" if lr in got
+                                               else "diverged" for lr in rates) + f" | {best[v]:g} | ")
+    for k, v in enumerate(SWEPT):
+        a, b = rows[name(v, best[v])], rows[name(LOOP, best[LOOP])]
+        c = paired([a["windows"]["held-out"][a["seeds"].index(budget.seeds[0])]],
+                   [b["windows"]["held-out"][b["seeds"].index(budget.seeds[0])]])
+        lines[2 + k] += ("" if v == LOOP else ci(c)) + " |"
     return "\n".join(lines) + "\n"
 
+def main_rows(rows):
+    """The rows of the study proper: not the frozen models, the depth sweep's, the second base's
+    or the learning-rate sweep's."""
+    return [n for n, r in rows.items() if r["seeds"] != [None] and "diverged" not in r and "evaluated at" not in n
+            and "[second base]" not in n and ", lr " not in n]
 
-def figure(records, file):
-    """Held-out loss curves of the headline rows (mean over seeds), and gap recovered per variant
-    (bars: held-out, mean over seeds, with ± one standard deviation; dots: train)."""
+
+def figure(rows, file):
+    """Left: held-out loss against forward FLOPs per token, every variant (mean over seeds, ± one sd;
+    a hollow marker is one seed). Right: each variant minus the loop alone at depth 4, paired, with
+    its 95% interval, on both held-out sets."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5), gridspec_kw={"width_ratios": [1, 1.4]})
-    ref = next(r["reference"] for r in records if "reference" in r)
-    for row, _ in HEADLINE:
-        curves = [r["curve"] for r in records if r["row"] == row]
-        steps = [s for s, _ in curves[0]]
-        left.plot(steps, [statistics.mean(c[i][1] for c in curves) for i in range(len(steps))], marker="o", label=row)
-    for name, style in (("baseline", ":"), ("full", "--")):
-        left.axhline(ref[name]["held-out"], color="gray", linestyle=style, label=f"{name} model")
-    left.set(xlabel="optimizer step", ylabel="held-out loss (nats)", title="Held-out loss while training")
-    left.legend(fontsize=8)
-    rows = [r for r in dict.fromkeys(r["row"] for r in records if "diverged" not in r)]
-    low = -25  # a bar below this (a run that made things worse) is cut, its value written beside it
-    for i, row in enumerate(rows):
-        rs = [r for r in records if r["row"] == row]
-        held = statistics.mean(r["gap recovered %"]["held-out"] for r in rs)
-        sd = statistics.stdev(r["gap recovered %"]["held-out"] for r in rs) if len(rs) > 1 else 0
-        right.barh(i, max(held, low), xerr=sd if held >= low else 0, color="C0" if held >= low else "C3")
-        for r in rs:  # a train dot below the axis is drawn at its edge as "<"
-            train = r["gap recovered %"]["train"]
-            right.plot(max(train, low), i, "k." if train >= low else "k<")
-        if held < low:
-            right.annotate(f"{held:.0f}% (bar cut)", (0, i), xytext=(4, -3), textcoords="offset points", fontsize=8)
-    right.set_xlim(left=low)
-    right.set_yticks(range(len(rows)), rows, fontsize=8)
+    names = main_rows(rows)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1, 1.3]})
+    for k, n in enumerate(names):
+        r, color = rows[n], f"C{k % 10}"
+        ys = r["by seed"]["held-out"]
+        if max(ys) > rows[BASELINE]["mean"]["held-out"] + 0.5:
+            continue  # a variant far worse than the baseline (no gate) would flatten the axis
+        left.errorbar(1e3 * r["flops"], statistics.mean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else None,
+                      fmt="o", color=color, mfc=color if len(ys) > 1 else "white", capsize=3, label=n)
+    for ref, style in ((BASELINE, ":"), ("full model", "--")):
+        left.axhline(rows[ref]["mean"]["held-out"], color="gray", linestyle=style, label=ref)
+    left.set(xlabel="forward MFLOP per token", ylabel="held-out modules loss (nats)",
+             title="Loss against compute (filled: mean ± sd over seeds; hollow: 1 seed)")
+    left.legend(fontsize=6, loc="upper right")
+    shown = [n for n in names if n != LOOP]
+    for k, n in enumerate(shown):
+        for off, split, marker in ((-0.15, "held-out", "o"), (0.15, "prose", "s")):
+            c = compare(rows, n, LOOP, split)
+            if c and abs(c["diff"]) < 1:
+                right.errorbar(c["diff"], k + off, xerr=[[c["diff"] - c["lo"]], [c["hi"] - c["diff"]]], fmt=marker,
+                               color="C0" if split == "held-out" else "C1", mfc="white" if c["seeds"] == 1 else None,
+                               capsize=2, label=SPLITS[split] if k == 0 else None)
+            elif c:
+                right.annotate(f"{c['diff']:+.2f} (off the axis)", (0, k + off), fontsize=7)
+    right.axvline(0, color="gray")
+    right.set_yticks(range(len(shown)), [n + (" (1 seed)" if len(rows[n]["seeds"]) == 1 else "") for n in shown],
+                     fontsize=7)
     right.invert_yaxis()
-    right.set(xlabel="gap recovered % (bars: held-out, ± 1 sd over seeds; dots: train)",
-              title="Gap recovered: (baseline − ours) / (baseline − full)")
+    right.set(xlabel="Δ loss against the loop alone at depth 4 (nats; < 0 is better), 95% paired CI",
+              title="Paired differences (hollow: 1 seed, interval over evaluation batches only)")
+    right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
 
 
-def depth_figure(records, file):
-    """Held-out loss against the loop steps a token takes: fixed depths (dynamic Controller) as a
-    line, adaptive depth (one point per ponder cost) as labelled points; one seed each."""
+def depth_figure(rows, file):
+    """Held-out loss against the loop steps a token takes: the authors' protocol (trained at depths
+    drawn from 4, 8, 16) and ours (trained at 4), each evaluated at depths 1-16; models trained at
+    each fixed depth; adaptive depth at its mean steps."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
-    seed = min(r["seed"] for r in records)
-    fixed = sorted((r["mean depth"], r["held-out"]) for r in records if r["seed"] == seed and "diverged" not in r
-                   and r["row"] in ("dynamic, depth 1", "dynamic, depth 2", "dynamic, depth 4 (ours)",
-                                    "dynamic, depth 8"))
-    if fixed:
-        ax.plot(*zip(*fixed), "o-", label="fixed depth 1, 2, 4, 8")
-    for r in records:
-        if r["row"].startswith("adaptive depth") and "diverged" not in r:
-            ax.plot(r["mean depth"], r["held-out"], "s", color="C3")
-            ax.annotate(r["row"].rsplit(" ", 1)[1], (r["mean depth"], r["held-out"]), fontsize=8,
-                        xytext=(4, 4), textcoords="offset points")
-    ax.plot([], [], "s", color="C3", label="adaptive (at most 8), labelled by ponder cost")
-    ax.set_xscale("log")
-    ax.set_xticks([1, 2, 4, 8], ["1", "2", "4", "8"])
-    ax.minorticks_off()
-    ax.set(xlabel="loop steps per token (mean over held-out tokens)", ylabel="held-out loss (nats)",
-           title=f"Adaptive depth against fixed depths (seed {seed}, same training budget)")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, split in zip(axes, ("held-out", "prose")):
+        for who, style in ((AUTHORS, "s--"), (OURS, "o--")):
+            swept = [(d, rows.get(f"{who}, evaluated at depth {d}")) for d in SWEEP_DEPTHS]
+            pts = [(d, r["mean"][split]) for d, r in swept if r and split in r["mean"]]
+            if pts:
+                ax.plot(*zip(*pts), style, label=f"{who}: one model evaluated at each depth (first seed)")
+        fixed = [(d, rows[n]) for d, n in FIXED.items() if n in rows and split in rows[n]["mean"]]
+        if fixed:
+            ax.errorbar([d for d, _ in fixed], [statistics.mean(r["by seed"][split]) for _, r in fixed],
+                        yerr=[statistics.stdev(r["by seed"][split]) if len(r["seeds"]) > 1 else 0 for _, r in fixed],
+                        fmt="k^-", capsize=3, label="trained at that depth (mean ± sd over seeds)")
+        for n, r in rows.items():
+            if n.startswith("adaptive depth") and "diverged" not in r and split in r["mean"]:
+                ax.plot(r["depth"], r["mean"][split], "D", color="C3")
+                ax.annotate(n.rsplit(" ", 1)[1], (r["depth"], r["mean"][split]), fontsize=7, xytext=(4, 4),
+                            textcoords="offset points")
+        ax.plot([], [], "D", color="C3", label="adaptive (at most 8), by ponder cost (1 seed)")
+        ax.set_xscale("log")
+        ax.set_xticks(SWEEP_DEPTHS, [str(d) for d in SWEEP_DEPTHS])
+        ax.minorticks_off()
+        ax.set(xlabel="loop steps per token", ylabel=f"{SPLITS[split]} loss (nats)", title=SPLITS[split])
+    axes[0].legend(fontsize=7)
+    fig.suptitle("The test-time depth sweep")
     fig.tight_layout()
     fig.savefig(file, dpi=120)
 
 
 def report(work, results, budget, log, meta):
-    records = collect(work, budget)
-    parts = [work / "data", work / "base", *(work / "runs" / f"{slug(r)}-seed{s}" for r, _, s in runs(budget))]
-    seconds = sum(train.wall_s(part) for part in parts)
+    rows = collect(work, budget)
+    base_dirs = [work / ("base" if seed == 0 else f"base-seed{seed}") for seed in (0, budget.second_base)]
+    seconds = sum(train.wall_s(part) for part in [work / "data", *base_dirs,
+                                                   *(work / "runs" / run.folder for run in runs(budget))])
     results.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
+    data = work / "data"
     study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
                  commit=head.stdout.strip() or None,  # of the report; a cached run may be older
                  machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
@@ -265,16 +466,21 @@ def report(work, results, budget, log, meta):
                  corpus=dict(what="Python standard library (.py, no tests)", files=meta.get("files"),
                              sha256=meta.get("inputs_sha256"), train_tokens=meta["train_tokens"],
                              val_tokens=meta["val_tokens"], train_documents=meta["train_documents"],
-                             val_documents=meta["val_documents"]),
-                 base=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
-                 runs=records)
+                             val_documents=meta["val_documents"], held_out_families=meta.get("held_out_families"),
+                             prose=json.loads((data / "prose.json").read_text()) if (data / "prose.json").is_file() else None),
+                 bases={str(seed): json.loads((d / "results.json").read_text())["model"]
+                        for seed, d in zip((0, budget.second_base), base_dirs)},
+                 config=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
+                 rows={n: {k: v for k, v in r.items() if k != "windows"} for n, r in rows.items()},
+                 claims=[dict(claim=c, a=a, b=b, expect=e, **{s: compare(rows, a, b, s) for s in HELD_OUT})
+                         for c, a, b, e in CLAIMS if a in rows and b in rows])
     ob.write_json(results / "miniature.json", study)
-    md = table(records, budget.config)
+    md = tables(rows) + "\n" + lr_table(rows, budget)
     write_table(results / "miniature.md", md)
     log("\n" + md)
     try:
-        figure(records, results / "miniature.png")
-        depth_figure(records, results / "miniature-depth.png")
+        figure(rows, results / "miniature.png")
+        depth_figure(rows, results / "miniature-depth.png")
         log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
     except ImportError:
         log(f"wrote {results}/miniature.json and miniature.md; the figures need matplotlib: "
@@ -326,8 +532,10 @@ def study(args):
     if args.fresh and work.exists():
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    base_dir, data = stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus)
-    run_all(work, budget, base_dir, data, log)
+    bases = {seed: stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus, seed)[0]
+             for seed in (0, budget.second_base)}
+    data = work / "data"
+    run_all(work, budget, bases, data, log)
     report(work, results, budget, log, json.loads((data / "meta.json").read_text()))
 
 
