@@ -106,8 +106,9 @@ def parse_args(argv=None):
     a("--weight-decay", type=float, default=0.01)
     a("--eval-every", type=positive, default=500)
     a("--eval-batches", type=positive, default=20, help="random windows of each split for the curves")
-    a("--final-tokens", type=positive, default=2 ** 20, help="the final table scores each split on up to this "
-      "many tokens, in non-overlapping windows (the whole split if it is smaller)")
+    a("--final-tokens", type=positive, default=2 ** 20, help="the final table scores each held-out split on up "
+      "to this many tokens, in non-overlapping windows (the whole split if it is smaller); the training split "
+      "on as many as the curves use (--eval-batches batches)")
     a("--eval-on", action="append", default=[], metavar="FILE.bin", help="another token file (same tokenizer) "
       "to score in the final table, named by its stem; repeatable")
     a("--eval-depths", type=depth_list, default=[], help="also score ours at these depths in the final table "
@@ -180,13 +181,13 @@ def evaluate(loss_fn, tokens, args, stream, rank, world, device):
 
 
 @torch.no_grad()
-def evaluate_final(loss_fn, tokens, args, rank, world, device):
+def evaluate_final(loss_fn, tokens, budget, args, rank, world, device):
     """The final table's protocol: the loss of each batch of --batch-size non-overlapping windows of
-    seq_len + 1 tokens, spread evenly over the whole split (up to --final-tokens; each rank scores its
+    seq_len + 1 tokens, spread evenly over the whole split (up to `budget` tokens; each rank scores its
     own part, and the parts are gathered). Returns the list of batch losses, all of equal size: the
     units of a paired bootstrap."""
     T, n_slots = args.seq_len, (len(tokens) - 1) // args.seq_len
-    n = min(n_slots, max(1, args.final_tokens // (T * world)))  # windows of this rank
+    n = min(n_slots, max(1, budget // (T * world)))  # windows of this rank
     B = min(args.batch_size, n)
     starts = (np.arange(n - n % B) * n_slots // n) * T  # evenly spread, never overlapping
     losses = []
@@ -282,9 +283,12 @@ def train(args):
         return {"train": evaluate(loss_fn, splits["train"], args, TRAIN_EVAL, rank, world, device),
                 "held-out": evaluate(loss_fn, splits["val"], args, VAL, rank, world, device)}
 
-    def final(loss_fn):  # the final table's: every split (and --eval-on's) in non-overlapping windows
-        return {"held-out" if name == "val" else name: evaluate_final(loss_fn, tokens, args, rank, world, device)
-                for name, tokens in splits.items()}
+    def final(loss_fn):  # the final table's: every split (and --eval-on's) in non-overlapping windows; the
+        # training split only as a check of fit (as many tokens as the curves), the held-out sets in full
+        fit = args.eval_batches * args.batch_size * args.seq_len * world
+        return {"held-out" if name == "val" else name: evaluate_final(
+            loss_fn, tokens, fit if name == "train" else args.final_tokens, args, rank, world, device)
+            for name, tokens in splits.items()}
 
     def steps_taken():  # loop steps per token in the last forward pass: --depth, or fewer with halting
         halting = getattr(model, "last_halting", None)
