@@ -909,7 +909,8 @@ def run_args(demo, out, *extra):
     model, data = demo
     return ["--model", str(model), "--data", str(data), "--out", str(out), "--device", "cpu", "--steps", "4",
             "--batch-size", "2", "--grad-accum", "2", "--seq-len", "16", "--warmup", "1", "--lr", "1e-2",
-            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--depth", "2", *extra]
+            "--eval-every", "2", "--eval-batches", "2", "--save-every", "2", "--depth", "2", "--final-tokens", "512",
+            *extra]
 
 
 def metrics(out):
@@ -1242,24 +1243,34 @@ def test_flops_per_token_matches_torch_flop_counter(demo):
 
 
 def test_final_table_is_one_protocol_with_reduction_and_gap(tmp_path, demo):
-    """results.json: baseline, full and ours under evaluate's protocol. The baseline's held-out
-    loss is recomputed here by hand (mean cross-entropy over the same fixed batches, next token),
-    and the percentages follow (base - ours) / base and (base - ours) / (base - full)."""
+    """results.json: baseline, full and ours under evaluate_final's protocol. The baseline's held-out
+    loss is recomputed here by hand: non-overlapping windows spread evenly over the whole split, in
+    batches of --batch-size, mean next-token cross-entropy per batch (windows.json keeps those); and
+    the percentages follow (base - ours) / base and (base - ours) / (base - full)."""
     train.main(run_args(demo, tmp_path, "--eval-full"))
     res = json.loads((tmp_path / "results.json").read_text())
+    scored = json.loads((tmp_path / "windows.json").read_text())
     args = train.parse_args(run_args(demo, tmp_path))
     model = ob.Ouroboros.from_pretrained(demo[0], device="cpu")
     val = np.fromfile(demo[1] / "val.bin", dtype=np.uint32)
+    T, B = args.seq_len, args.batch_size
+    slots = (len(val) - 1) // T
+    n = min(slots, args.final_tokens // T)
+    starts = [i * slots // n * T for i in range(n - n % B)]
+    assert len(set(starts)) == len(starts) and all(b - a >= T for a, b in zip(starts, starts[1:]))  # no overlap
+    assert starts[-1] + T + 1 <= len(val) and (n < slots or starts[-1] // T == slots - 1)  # spread to the end
     by_hand = []
-    for i in range(args.eval_batches):
-        x, y = train.get_batch(val, args, (train.EVAL_SEED, train.VAL, i, 0), 0, "cpu")
-        by_hand.append(F.cross_entropy(model.baseline(x)[0].flatten(0, 1), y.flatten()).item())
-    by_hand = np.mean(by_hand)
-    assert res["baseline"]["held-out"] == pytest.approx(by_hand, rel=1e-6)
+    for i in range(0, len(starts), B):
+        w = torch.from_numpy(np.stack([val[j:j + T + 1] for j in starts[i:i + B]]).astype(np.int64))
+        by_hand.append(F.cross_entropy(model.baseline(w[:, :-1])[0].flatten(0, 1), w[:, 1:].flatten()).item())
+    assert scored["baseline"]["held-out"] == pytest.approx(by_hand, rel=1e-5)
+    assert res["baseline"]["held-out"] == pytest.approx(np.mean(by_hand), rel=1e-6)
+    assert res["run"]["final_batches"]["held-out"] == len(by_hand) > 1
     for s in ("train", "held-out"):
         b, f, o = res["baseline"][s], res["full"][s], res["ours"][s]
         assert res["loss reduction %"][s] == pytest.approx(100 * (b - o) / b)
         assert res["gap recovered %"][s] == pytest.approx(100 * (b - o) / (b - f))
+        assert res["ours"][s] == pytest.approx(np.mean(scored["ours"][s]))
     assert [m["step"] for m in metrics(tmp_path) if "val_loss" in m] == [2, 4]  # --eval-every 2
 
 
@@ -1290,7 +1301,8 @@ def test_checkpoint_is_safetensors_and_json_and_loads(tmp_path, demo):
     ouroboros.safetensors loads into a fresh model with Ouroboros.load_trainable."""
     trained = train.main(run_args(demo, tmp_path))
     assert sorted(f.name for f in tmp_path.iterdir()) == [
-        "lock", "metrics.jsonl", "optimizer.safetensors", "ouroboros.safetensors", "results.json", "state.json"]
+        "lock", "metrics.jsonl", "optimizer.safetensors", "ouroboros.safetensors", "results.json", "state.json",
+        "windows.json"]
     moments = load_file(tmp_path / "optimizer.safetensors")
     for name, p in trained.named_trainable():
         assert moments[f"{name}.exp_avg"].shape == p.shape and moments[f"{name}.step"].item() == 4
@@ -1626,6 +1638,65 @@ def test_ctrl_c_in_the_final_evaluation_stops_it_and_resume_finishes(tmp_path, d
     assert (tmp_path / "results.json").is_file()
 
 
+def test_held_out_families_never_straddle_the_split(tmp_path):
+    """The study's held-out split is whole module families (cp850.py and cp858.py are one family,
+    "encodings"; _pydecimal.py and decimal.py another), near the asked share of the characters; and
+    the documentation's prose (pydoc_data) is in neither split, but in prose.bin alone."""
+    root = Path(stdlib.sysconfig.get_paths()["stdlib"])
+    assert stdlib.family(root / "encodings" / "cp850.py") == stdlib.family(root / "encodings" / "cp858.py")
+    assert stdlib.family(root / "_pydecimal.py") == stdlib.family(root / "decimal.py") == "decimal"
+    files = [f for f in stdlib.stdlib_files() if stdlib.family(f) != stdlib.PROSE]
+    held = stdlib.held_out_families(files, 0.05)
+    share = sum(f.stat().st_size for f in files if stdlib.family(f) in held) / sum(f.stat().st_size for f in files)
+    assert 0.05 <= share < 0.05 * (1 + 1 / 3)  # it stops at the share; no family is over a third of it
+    with pytest.raises(SystemExit):  # the data stage, then a pretraining that "stops": data/ is kept
+        stdlib.pretrained_base(tmp_path, miniature.QUICK, lambda out, argv: False, quiet)
+    meta = json.loads((tmp_path / "data" / "meta.json").read_text())
+    quick = [f for f in stdlib.stdlib_files(miniature.QUICK.every_nth_file) if stdlib.family(f) != stdlib.PROSE]
+    in_held = [f for f in quick if stdlib.family(f) in meta["held_out_families"]]
+    assert meta["val_documents"] == len(in_held) > 0 and meta["train_documents"] + len(in_held) <= len(quick)
+    prose = json.loads((tmp_path / "data" / "prose.json").read_text())
+    assert prose["tokens"] == (tmp_path / "data" / "prose.bin").stat().st_size // 4 and prose["topics"] > 10
+
+
+def test_the_blind_control_is_the_controller_without_its_input(tiny):
+    """controller="blind": the Controller's parameters exactly, and an output that depends on the
+    step alone, equal to the Controller's own on a zero input."""
+    blind = ob.Ouroboros.from_pretrained(tiny, device="cpu", controller="blind")
+    ours = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    assert [(n, p.shape) for n, p in blind.named_trainable()] == [(n, p.shape) for n, p in ours.named_trainable()]
+    randomize_trainables(blind)
+    p = torch.randn(2, 5, blind.controller.w1.in_features)
+    c = blind.controller
+    assert torch.equal(c(p, 1), c(torch.randn_like(p), 1)) and not torch.equal(c(p, 1), c(p, 2))
+    assert torch.equal(c(p, 1), ob.Controller.forward(c, torch.zeros_like(p), 1))
+
+
+def test_runs_never_replay_the_bases_pretraining_batches(demo):
+    """The same seed draws different windows for pretraining and for an Ouroboros run: the
+    study's seed-0 runs do not train on the base's own batches."""
+    args = train.parse_args(["--model", str(demo[0]), "--data", str(demo[1]), "--seq-len", "16"])
+    tokens = np.arange(10_000, dtype=np.uint32)
+    for step in range(3):
+        pre, run = (train.get_batch(tokens, args, (0, stream, step, 0), 0, "cpu")[0]
+                    for stream in (train.PRETRAIN, train.TRAIN))
+        assert not torch.equal(pre, run)
+
+
+def test_paired_intervals_find_a_shift_and_none_where_there_is_none():
+    """miniature.paired: A − B over the same batches, bootstrapped over batches (and seeds)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(5, 0.3, (3, 40))
+    same = miniature.paired(a, a)
+    assert same["diff"] == same["lo"] == same["hi"] == 0 and same["seeds"] == 3 and same["batches"] == 40
+    shifted = miniature.paired(a - 0.01, a + rng.normal(0, 0.001, a.shape))  # a small but consistent gain
+    assert shifted["hi"] < 0 and shifted["lo"] <= shifted["diff"] <= shifted["hi"]
+    noise = miniature.paired(a, a + rng.normal(0, 0.3, a.shape))
+    assert noise["lo"] < 0 < noise["hi"]
+    assert miniature.verdict(shifted, "lower") == "reproduced" and miniature.verdict(noise, "lower") == (
+        "not distinguishable") and miniature.verdict(miniature.paired(a + 0.01, a), "lower") == "reversed"
+
+
 def test_an_interrupted_base_says_to_run_the_same_command(tmp_path):
     """The base's pretraining stopped by Ctrl-C (run_logged returns False, with no diverged.txt):
     the message is the command that works, not train.py's "--resume", which the study has not."""
@@ -1776,15 +1847,25 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     run = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
     study = json.loads((tmp_path / "results" / "miniature.json").read_text())
-    expected = [row for row, _, _ in miniature.runs(miniature.QUICK)]
-    rows = [r["row"] for r in study["runs"]]
-    assert set(rows) == set(expected) | {"dynamic, mean pool (the paper's), prefix-pooled (as it generates)"}
-    for row, _ in miniature.HEADLINE:
-        assert sorted(r["seed"] for r in study["runs"] if r["row"] == row) == list(miniature.QUICK.seeds)
+    todo = miniature.runs(miniature.QUICK)
+    assert study["not run yet"] == [] and len({r.folder for r in todo}) == len(todo)
+    rows = study["rows"]
+    for run in todo:  # every run scored, with each of its seeds
+        assert run.seed in rows[run.row]["seeds"], run
+    for row in (miniature.LOOP, miniature.OURS, "static, Controller-sized, depth 4", miniature.CODA_ALONE):
+        assert sorted(rows[row]["seeds"]) == list(miniature.QUICK.seeds)  # the headline rows and controls
+    assert {"baseline model", "full model", "baseline model [second base]", "full model [second base]",
+            "dynamic, mean pool (the paper's), prefix-pooled (as it generates)",
+            f"{miniature.AUTHORS}, evaluated at depth 16"} <= set(rows)
+    for claim in study["claims"]:  # every claim has its paired interval on both held-out sets
+        for split in miniature.HELD_OUT:
+            c = claim[split]
+            assert c["lo"] <= c["diff"] <= c["hi"] and c["batches"] > 1, claim
     table = (tmp_path / "results" / "miniature.md").read_text()
-    assert all(f"| {row} |" in table for row in rows) and "| full model" in table and "| baseline model" in table
+    assert all(f"| {row} |" in table for row in rows) and "| 1. the loop recovers part of the gap" in table
     corpus = study["corpus"]
     assert corpus["files"] > 10 and len(corpus["sha256"]) == 64 and corpus["val_tokens"] > 0
+    assert corpus["held_out_families"] and corpus["prose"]["topics"] > 10 and len(corpus["prose"]["sha256"]) == 64
     assert (tmp_path / "results" / "miniature.png").is_file() or "pip install matplotlib" in run.stdout
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert again.returncode == 0 and "[runs]" not in again.stdout and "[base]" not in again.stdout

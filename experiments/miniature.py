@@ -98,7 +98,7 @@ ROWS = [
     Row("dynamic, depth 2", ["--depth", "2"], "one"),
     Row("dynamic, depth 8", ["--depth", "8"]),
     Row("dynamic, depth 16", ["--depth", "16"]),
-    Row("authors' protocol: depth drawn from 4, 8, 16", ["--depths", "4,8,16"], sweep=True),
+    Row("authors' protocol: depth drawn from 4, 8, 16", ["--depths", "4,8,16"], "one", sweep=True),  # one model
     Row("dynamic, mean pool (the paper's)", ["--pool", "mean"], "one"),
     Row("dynamic, no gate", ["--no-gate"], "one"),
     Row("dynamic, no per-step norm", ["--no-step-norm"]),
@@ -167,17 +167,15 @@ class Run:
 
 
 def runs(budget):
-    """Every Run of the study, in the order they run: each seed in turn over the rows that have it,
-    then the second base, then the learning-rate sweep."""
+    """Every Run of the study, in the order they run: every row with the first seed, the second
+    base, the learning-rate sweep, then the other seeds over the rows that have them."""
     sweep = ["--eval-depths", ",".join(map(str, SWEEP_DEPTHS))]
     rows = ROWS + [Row(f"dynamic, depth 4, rank {r}", ["--rank", str(r)], "one") for r in budget.ranks if r != 8]
-    todo = [Run(r.name, r.options + (sweep if r.sweep and s == budget.seeds[0] else []), s)
-            for s in budget.seeds for r in rows if r.seeds == "all" or s == budget.seeds[0]]
-    options = {r.name: r.options for r in rows}
-    todo += [Run(f"{name} [second base]", options[name], budget.seeds[0], budget.second_base) for name in SECOND]
-    todo += [Run(f"{name}, lr {lr:g}", options[name] + ["--lr", str(lr)], budget.seeds[0])
-             for lr in budget.lrs for name in SWEPT]
-    return todo
+    first, options = budget.seeds[0], {r.name: r.options for r in rows}
+    todo = [Run(r.name, r.options + (sweep if r.sweep else []), first) for r in rows]
+    todo += [Run(f"{name} [second base]", options[name], first, budget.second_base) for name in SECOND]
+    todo += [Run(f"{name}, lr {lr:g}", options[name] + ["--lr", str(lr)], first) for lr in budget.lrs for name in SWEPT]
+    return todo + [Run(r.name, r.options, s) for s in budget.seeds[1:] for r in rows if r.seeds == "all"]
 
 # ----------------------------------------------------------------------------------------
 # Stage 4: the runs
@@ -232,6 +230,8 @@ def collect(work, budget):
     for run in runs(budget):
         out = work / "runs" / run.folder
         tag = " [second base]" if run.base else ""
+        if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
+            continue  # not run yet: the report says which (the study can be run in parts)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         if (out / "diverged.txt").is_file():
@@ -244,7 +244,8 @@ def collect(work, budget):
         for ref in ("baseline", "full"):  # frozen: every run scores the same numbers; keep the first
             if ref in scored and f"{ref} model{tag}" not in rows:
                 add(f"{ref} model{tag}", None, scored[ref], trainable=0)
-        info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], curve=curve, options=run.options)
+        info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], curve=curve, options=run.options,
+                    train_loss_end=float(np.mean([m["loss"] for m in metrics[-50:]])))  # the last 50 updates
         add(run.row, run.seed, scored["ours"], depth=depth, **info,
             flops=ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9)
         if "ours, prefix-pooled" in scored:
@@ -306,8 +307,7 @@ def mean_sd(xs, spec=".4f"):
 def tables(rows):
     """Markdown: every row (mean ± sd over seeds, gap recovered, Δ against the loop alone with its
     interval), then every claim with its paired interval and reading, then the depth sweep."""
-    splits = [s for s in SPLITS if s in rows[BASELINE]["mean"]]
-    held = [s for s in splits if s != "train"]
+    held = splits = [s for s in HELD_OUT if s in rows[BASELINE]["mean"]]
     head = (["variant", "seeds"] + [f"{SPLITS[s]} loss" for s in splits] + [f"gap recovered % ({SPLITS[s]})"
             for s in held] + [f"Δ {SPLITS[s]} vs loop alone, depth 4 [95% CI]" for s in held] +
             ["loop steps per token", "forward MFLOP per token", "trainable"])
@@ -346,26 +346,30 @@ def tables(rows):
 
 
 def lr_table(rows, budget):
-    """The learning-rate sweep (first seed): each variant's losses at each rate, its best rate by the
-    training-file windows (never by a held-out set), and the variants compared at their best rates."""
+    """The learning-rate sweep (first seed): each variant's losses at each rate, its best rate by its
+    training loss (the mean of the last 50 updates, on the same batches at every rate; never by a
+    held-out set), and the variants compared at their best rates."""
     rates = sorted((budget.lr, *budget.lrs))
     name = lambda v, lr: v if lr == budget.lr else f"{v}, lr {lr:g}"  # noqa: E731
-    head = ["variant"] + [f"lr {lr:g}: train / held-out modules" for lr in rates] + ["best rate (by train)",
-                                                                                      "Δ held-out modules vs loop alone, both at best [95% CI]"]
+    head = ["variant"] + [f"lr {lr:g}: training loss / held-out modules" for lr in rates] + [
+        "best rate (by training loss)", "Δ held-out modules vs loop alone, both at best [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    first = lambda r: {"held-out": rows[r]["by seed"]["held-out"][0], "train": rows[r]["train_loss_end"]}  # noqa
     best = {}
     for v in SWEPT:
-        first = lambda r: {s: x[0] for s, x in rows[r]["by seed"].items()}  # noqa: E731
         got = {lr: first(name(v, lr)) for lr in rates if name(v, lr) in rows and "diverged" not in rows[name(v, lr)]}
-        best[v] = min(got, key=lambda lr: got[lr]["train"])
+        best[v] = min(got, key=lambda lr: got[lr]["train"]) if got else None
         lines.append(f"| {v} | " + " | ".join(f"{got[lr]['train']:.4f} / {got[lr]['held-out']:.4f}" if lr in got
-                                               else "diverged" for lr in rates) + f" | {best[v]:g} | ")
+                                               else "diverged" if name(v, lr) in rows else "not run yet"
+                                               for lr in rates) + f" | {format(best[v], 'g') if best[v] else '-'} | ")
     for k, v in enumerate(SWEPT):
-        a, b = rows[name(v, best[v])], rows[name(LOOP, best[LOOP])]
-        c = paired([a["windows"]["held-out"][a["seeds"].index(budget.seeds[0])]],
-                   [b["windows"]["held-out"][b["seeds"].index(budget.seeds[0])]])
+        c = None
+        if best[v] and best[LOOP] and v != LOOP:
+            a, b = rows[name(v, best[v])], rows[name(LOOP, best[LOOP])]
+            c = paired([a["windows"]["held-out"][0]], [b["windows"]["held-out"][0]])  # the first seed's
         lines[2 + k] += ("" if v == LOOP else ci(c)) + " |"
     return "\n".join(lines) + "\n"
+
 
 def main_rows(rows):
     """The rows of the study proper: not the frozen models, the depth sweep's, the second base's
@@ -474,8 +478,12 @@ def report(work, results, budget, log, meta):
                  rows={n: {k: v for k, v in r.items() if k != "windows"} for n, r in rows.items()},
                  claims=[dict(claim=c, a=a, b=b, expect=e, **{s: compare(rows, a, b, s) for s in HELD_OUT})
                          for c, a, b, e in CLAIMS if a in rows and b in rows])
-    ob.write_json(results / "miniature.json", study)
+    done = lambda run: any((work / "runs" / run.folder / f).is_file() for f in ("results.json", "diverged.txt"))  # noqa
+    study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in runs(budget) if not done(run)]
     md = tables(rows) + "\n" + lr_table(rows, budget)
+    if study["not run yet"]:
+        md += f"\nNot run yet ({len(study['not run yet'])} runs): " + "; ".join(study["not run yet"]) + ".\n"
+    ob.write_json(results / "miniature.json", study)
     write_table(results / "miniature.md", md)
     log("\n" + md)
     try:
