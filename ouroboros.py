@@ -1023,7 +1023,7 @@ def config_from_dict(cls, raw, source):
         if value is not None and not (is_a(value, f.type) and (f.type is bool or value > 0)):
             raise ValueError(f"{source}: key {f.name!r} is {value!r}: must be "
                              + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0"))
-    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})  # null: the default
     if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
         refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
     return cfg
@@ -1033,10 +1033,12 @@ KINDS = {int: "an integer", float: "a number", bool: "true or false", str: "a st
 
 
 def is_a(value, kind):
-    """`value`, as JSON gives it, is of `kind` (int, float, bool or str): a bool is not a number, and
-    an int is a float."""
+    """`value`, as JSON gives it, is of `kind` (int, float, bool or str): a bool is not a number, an
+    int is a float, and a float is finite (an int too large for one is not)."""
     if kind is bool or isinstance(value, bool):
         return kind is bool and isinstance(value, bool)
+    if kind is float and isinstance(value, int):
+        return abs(value) <= sys.float_info.max
     return isinstance(value, (int, float) if kind is float else kind) and (kind is not float or math.isfinite(value))
 
 

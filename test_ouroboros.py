@@ -544,7 +544,17 @@ BAD_CHECKPOINTS = {
     "a word for a flag": (config_edit(tie_word_embeddings="yes"),
                           "key 'tie_word_embeddings' is 'yes': must be true or"),
     "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
+    "a number too large for a float": (config_edit(rope_theta=10 ** 400), "key 'rope_theta' is 1000.*: must be a number"),
+    "null for a required key": (config_edit(hidden_size=None), "key 'hidden_size' is missing"),
 }
+
+
+def test_null_for_an_optional_config_key_means_its_default(tmp_path):
+    """config.json's null (as some exporters write) is the key left out: the default, not None."""
+    write_tiny(tmp_path)
+    config_edit(rms_norm_eps=None, rope_theta=None)(tmp_path)
+    cfg = ob.Ouroboros.from_pretrained(tmp_path, device="cpu").cfg
+    assert cfg.rms_norm_eps == ob.Qwen2Config.rms_norm_eps and cfg.rope_theta == ob.Qwen2Config.rope_theta
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
