@@ -1385,6 +1385,15 @@ def test_rerunning_a_command_is_refused_and_the_run_kept(tmp_path, demo):
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != "lock"} == before
 
 
+def test_an_out_that_holds_a_model_is_refused_and_left_as_it_was(tmp_path, demo):
+    """--out pointing at a model folder (model.safetensors): refused in one line before anything,
+    not even OUT/lock, is written there."""
+    shutil.copytree(demo[0], tmp_path / "model")
+    before = sorted(f.name for f in (tmp_path / "model").iterdir())
+    assert "model.safetensors: a run is saved in" in error_line(run_args(demo, tmp_path / "model"))
+    assert sorted(f.name for f in (tmp_path / "model").iterdir()) == before
+
+
 def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
     """A run that finished at step 4, resumed with --steps 6: steps 5 and 6 follow with the lr of a
     6-step schedule (the cosine is recomputed for the new end), metrics.jsonl keeps its first 4

@@ -225,9 +225,13 @@ def setup(args, log, device, world, rank):
         args.out = str(Path(args.out) / "ouroboros")
     cfg = check_model(args)
     run = {k: v for k, v in vars(args).items() if k not in FREE} | {"world_size": world}
+    if not (args.benchmark or args.resume):  # a folder with a run or a model in it: refused before the lock
+        saved_run(args, run)
     if rank == 0 and not args.benchmark:  # one train.py per --out, for as long as it runs
         hold(Path(args.out))
         finish_save(Path(args.out))  # a save that was cut short while its files moved in
+    if world > 1:  # every rank reads the checkpoint once rank 0 has finished moving it in
+        dist.barrier()
     state = None if args.benchmark else saved_run(args, run)
     tokens_per_step = args.batch_size * args.seq_len * args.grad_accum * world
     splits = ({"train": np.random.default_rng(args.seed).integers(0, cfg.vocab_size, 2 * tokens_per_step + 1)}
