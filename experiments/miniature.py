@@ -224,8 +224,9 @@ def collect(work, budget):
     def add(row, seed, windows, **info):
         r = rows.setdefault(row, dict(seeds=[], windows={}, **info))
         r["seeds"].append(seed)
-        for split, losses in windows.items():
-            r["windows"].setdefault(split, []).append(losses)
+        for split in HELD_OUT:  # the train column is a fit check, not a score: left out
+            if split in windows:
+                r["windows"].setdefault(split, []).append(windows[split])
 
     for run in runs(budget):
         out = work / "runs" / run.folder
@@ -379,42 +380,47 @@ def main_rows(rows):
 
 
 def figure(rows, file):
-    """Left: held-out loss against forward FLOPs per token, every variant (mean over seeds, ± one sd;
-    a hollow marker is one seed). Right: each variant minus the loop alone at depth 4, paired, with
-    its 95% interval, on both held-out sets."""
+    """Left: held-out loss against forward FLOPs per token, every variant, numbered (mean over seeds,
+    ± one sd; a hollow marker is one seed). Right: each variant minus the loop alone at depth 4,
+    paired, with its 95% interval, on both held-out sets, under the same numbers."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     names = main_rows(rows)
-    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 7), gridspec_kw={"width_ratios": [1, 1.3]})
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 7.5), gridspec_kw={"width_ratios": [1, 1.3]})
     for k, n in enumerate(names):
-        r, color = rows[n], f"C{k % 10}"
+        r = rows[n]
         ys = r["by seed"]["held-out"]
         if max(ys) > rows[BASELINE]["mean"]["held-out"] + 0.5:
             continue  # a variant far worse than the baseline (no gate) would flatten the axis
-        left.errorbar(1e3 * r["flops"], statistics.mean(ys), yerr=statistics.stdev(ys) if len(ys) > 1 else None,
-                      fmt="o", color=color, mfc=color if len(ys) > 1 else "white", capsize=3, label=n)
+        x, y = 1e3 * r["flops"], statistics.mean(ys)
+        left.errorbar(x, y, yerr=statistics.stdev(ys) if len(ys) > 1 else None, fmt="o", color="C0",
+                      mfc="C0" if len(ys) > 1 else "white", capsize=3)
+        left.annotate(str(k + 1), (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
     for ref, style in ((BASELINE, ":"), ("full model", "--")):
         left.axhline(rows[ref]["mean"]["held-out"], color="gray", linestyle=style, label=ref)
     left.set(xlabel="forward MFLOP per token", ylabel="held-out modules loss (nats)",
-             title="Loss against compute (filled: mean ± sd over seeds; hollow: 1 seed)")
-    left.legend(fontsize=6, loc="upper right")
-    shown = [n for n in names if n != LOOP]
-    for k, n in enumerate(shown):
+             title="Loss against compute, variants numbered as on the right\n"
+                   "(filled: mean ± sd over seeds; hollow: 1 seed)")
+    left.legend(fontsize=8, loc="center right")
+    labelled = set()
+    for k, n in enumerate(names):
         for off, split, marker in ((-0.15, "held-out", "o"), (0.15, "prose", "s")):
-            c = compare(rows, n, LOOP, split)
+            c = None if n == LOOP else compare(rows, n, LOOP, split)
             if c and abs(c["diff"]) < 1:
                 right.errorbar(c["diff"], k + off, xerr=[[c["diff"] - c["lo"]], [c["hi"] - c["diff"]]], fmt=marker,
                                color="C0" if split == "held-out" else "C1", mfc="white" if c["seeds"] == 1 else None,
-                               capsize=2, label=SPLITS[split] if k == 0 else None)
+                               capsize=2, label=None if split in labelled else SPLITS[split])
+                labelled.add(split)
             elif c:
                 right.annotate(f"{c['diff']:+.2f} (off the axis)", (0, k + off), fontsize=7)
     right.axvline(0, color="gray")
-    right.set_yticks(range(len(shown)), [n + (" (1 seed)" if len(rows[n]["seeds"]) == 1 else "") for n in shown],
+    right.set_yticks(range(len(names)), [f"{k + 1}. {n}" + (" (the reference)" if n == LOOP else " (1 seed)"
+                                         if len(rows[n]["seeds"]) == 1 else "") for k, n in enumerate(names)],
                      fontsize=7)
     right.invert_yaxis()
     right.set(xlabel="Δ loss against the loop alone at depth 4 (nats; < 0 is better), 95% paired CI",
-              title="Paired differences (hollow: 1 seed, interval over evaluation batches only)")
+              title="Paired differences\n(hollow: 1 seed, its interval over evaluation batches only)")
     right.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(file, dpi=120)
