@@ -2,7 +2,7 @@
 Ouroboros in miniature: the paper's claims tested on a small pretrained Qwen2, on a CPU, offline,
 with seeds, controls and paired intervals.
 
-    python experiments/miniature.py           # the whole study: about 2 hours on 2 CPU cores
+    python experiments/miniature.py           # the whole study: about 4 hours on 2 CPU cores, in parts if you like
     python experiments/miniature.py --quick   # the same pipeline at a smoke budget: a few minutes
     python experiments/miniature.py --fresh   # redo every stage instead of reusing what is done
 
