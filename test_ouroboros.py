@@ -544,7 +544,8 @@ BAD_CHECKPOINTS = {
     "a word for a flag": (config_edit(tie_word_embeddings="yes"),
                           "key 'tie_word_embeddings' is 'yes': must be true or"),
     "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
-    "a number too large for a float": (config_edit(rope_theta=10 ** 400), "key 'rope_theta' is 1000.*: must be a number"),
+    "a number too large for a float": (config_edit(rope_theta=10 ** 400),
+                                       "key 'rope_theta' is 1000.*: must be a number"),
     "null for a required key": (config_edit(hidden_size=None), "key 'hidden_size' is missing"),
 }
 

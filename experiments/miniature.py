@@ -477,7 +477,8 @@ def report(work, results, budget, log, meta):
                              sha256=meta.get("inputs_sha256"), train_tokens=meta["train_tokens"],
                              val_tokens=meta["val_tokens"], train_documents=meta["train_documents"],
                              val_documents=meta["val_documents"], held_out_families=meta.get("held_out_families"),
-                             prose=json.loads((data / "prose.json").read_text()) if (data / "prose.json").is_file() else None),
+                             prose=json.loads((data / "prose.json").read_text())
+                             if (data / "prose.json").is_file() else None),
                  bases={str(seed): json.loads((d / "results.json").read_text())["model"]
                         for seed, d in zip((0, budget.second_base), base_dirs)},
                  config=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
