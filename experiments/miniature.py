@@ -189,7 +189,7 @@ def run_all(work, budget, bases, data, log):
     for i, run in enumerate(todo, 1):
         full = ["--eval-full"] if first.setdefault(run.base, run) == run else []  # once per base
         out = work / "runs" / run.folder
-        if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
+        if not ended(out):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
             log(f"[runs] {i}/{len(todo)} {run.row}, seed {run.seed}"
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
@@ -201,6 +201,11 @@ def run_all(work, budget, bases, data, log):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             spent += cost(run)
         done += cost(run)
+
+
+def ended(out):
+    """The run in `out` finished, or stopped on a diverged loss: either way, nothing left to run."""
+    return (out / "results.json").is_file() or (out / "diverged.txt").is_file()
 
 
 def slug(row):
@@ -231,7 +236,7 @@ def collect(work, budget):
     for run in runs(budget):
         out = work / "runs" / run.folder
         tag = " [second base]" if run.base else ""
-        if not ((out / "results.json").is_file() or (out / "diverged.txt").is_file()):
+        if not ended(out):
             continue  # not run yet: the report says which (the study can be run in parts)
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
@@ -485,8 +490,8 @@ def report(work, results, budget, log, meta):
                  rows={n: {k: v for k, v in r.items() if k != "windows"} for n, r in rows.items()},
                  claims=[dict(claim=c, a=a, b=b, expect=e, **{s: compare(rows, a, b, s) for s in HELD_OUT})
                          for c, a, b, e in CLAIMS if a in rows and b in rows])
-    done = lambda run: any((work / "runs" / run.folder / f).is_file() for f in ("results.json", "diverged.txt"))  # noqa
-    study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in runs(budget) if not done(run)]
+    study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in runs(budget)
+                            if not ended(work / "runs" / run.folder)]
     md = tables(rows) + "\n" + lr_table(rows, budget)
     if study["not run yet"]:
         md += f"\nNot run yet ({len(study['not run yet'])} runs): " + "; ".join(study["not run yet"]) + ".\n"
