@@ -65,9 +65,11 @@ def depth_list(text):
 
 
 # --demo: a small Qwen2 pretrained on local text (data/stdlib.py), then 100 updates of
-# Ouroboros on it; each --demo replaces the previous one's run (the base is kept).
+# Ouroboros on it, scored on 32,768 tokens of each held-out set (the study scores them whole);
+# each --demo replaces the previous one's run (the base is kept).
 DEMO = dict(out="out/demo", device="cpu", steps=100, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
-            warmup=10, eval_every=25, eval_batches=8, eval_full=True, overwrite=True)
+            warmup=10, eval_every=25, eval_batches=8, eval_full=True, final_tokens=stdlib.DEMO.final_tokens,
+            overwrite=True)
 
 
 def parse_args(argv=None):

@@ -106,7 +106,7 @@ DEMO = Base(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate
                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024,
                                   rope_theta=10000.0, tie_word_embeddings=True),
             every_nth_file=1, val_fraction=0.05, pretrain=(300, 1e-3, 100, 1), batch=(8, 256), eval_batches=8,
-            eval_every=50, final_tokens=2 ** 16)
+            eval_every=50, final_tokens=2 ** 15)
 
 
 def batch_args(base, data):
