@@ -45,8 +45,8 @@ PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 per 
 # What a run learns depends on every option but these; a resume may change them freely (and
 # --steps may grow: the run goes on, the cosine stretched to the new end).
 FREE = {"model", "data", "out", "resume", "overwrite", "steps", "device", "dtype", "compile", "checkpointing",
-        "eval_every", "eval_batches", "save_every", "eval_full", "peak_flops", "demo", "benchmark", "final_tokens",
-        "eval_on", "eval_depths"}
+        "eval_every", "eval_batches", "save_every", "eval_full", "eval_baseline", "peak_flops", "demo", "benchmark",
+        "final_tokens", "eval_on", "eval_depths"}
 
 # ----------------------------------------------------------------------------------------
 # Options: the paper's recipe as defaults, every range checked before anything is loaded
@@ -124,6 +124,8 @@ def parse_args(argv=None):
     a("--resume", action="store_true", help="continue the run saved in --out")
     a("--overwrite", action="store_true", help="start afresh on an --out that holds a run (it is lost)")
     a("--eval-full", action="store_true", help="also evaluate the unpruned model, for gap recovered")
+    a("--no-eval-baseline", dest="eval_baseline", action="store_false",
+      help="leave the frozen baseline out of the final table (a study that scored it once already)")
     a("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (known: H100, H200, A100)")
     a("--demo", action="store_true", help="a small Qwen2 pretrained on local text (cached), then Ouroboros")
     a("--benchmark", action="store_true", help="time --steps updates on random tokens and weights")
@@ -401,7 +403,8 @@ def report(args, model, history, final, loss_of, steps_taken, log, rank):
         return
     name, scored = ("model" if args.pretrain else "ours"), {}  # row: {split: batch losses}
     if not args.pretrain:
-        scored["baseline"] = final(lambda x, y: model.baseline(x, y, return_logits=False)[1])
+        if args.eval_baseline:
+            scored["baseline"] = final(lambda x, y: model.baseline(x, y, return_logits=False)[1])
         if args.eval_full:
             full = ob.Qwen2.from_pretrained(args.model, device=model.base.model.norm.weight.device,
                                             dtype=args.dtype and getattr(torch, args.dtype))
@@ -421,9 +424,10 @@ def report(args, model, history, final, loss_of, steps_taken, log, rank):
             if args.ponder_cost is not None else dict.fromkeys(res[name], float(args.depth)))
         res["forward GFLOP per token"] = {s: ob.forward_flops(model, d, args.depth) / 1e9
                                           for s, d in res["mean depth"].items()}
-        b, f, o = res["baseline"], res.get("full"), res["ours"]
-        res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
-        if f:
+        b, f, o = res.get("baseline"), res.get("full"), res["ours"]
+        if b:
+            res["loss reduction %"] = {s: 100 * (b[s] - o[s]) / b[s] for s in b}
+        if b and f:
             res["gap recovered %"] = {s: 100 * (b[s] - o[s]) / (b[s] - f[s]) for s in b}
     what = f"{name}: {'' if args.pretrain else f'depth {args.depth}, '}{args.steps} steps"
     log(f"{'':<22}" + "".join(f"{s:>10}" for s in res[name]) + f"   ({what})")
