@@ -1874,6 +1874,10 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
         assert run.seed in rows[run.row]["seeds"], run
     for row in (miniature.LOOP, miniature.OURS, "static, Controller-sized, depth 4", miniature.CODA_ALONE):
         assert sorted(rows[row]["seeds"]) == list(miniature.QUICK.seeds)  # the headline rows and controls
+    windows = [(run.base, tmp_path / "work" / "runs" / run.folder / "windows.json") for run in todo]
+    scored = [(base, json.loads(file.read_text())) for base, file in windows if file.is_file()]
+    refs = [(base, sorted(w.keys() & {"baseline", "full"})) for base, w in scored if "baseline" in w]
+    assert refs == [(0, ["baseline", "full"]), (1, ["baseline", "full"])]  # frozen: scored once per base
     assert {"baseline model", "full model", "baseline model [second base]", "full model [second base]",
             "dynamic, mean pool (the paper's), prefix-pooled (as it generates)",
             f"{miniature.AUTHORS}, evaluated at depth 16"} <= set(rows)
@@ -1889,6 +1893,11 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     assert (tmp_path / "results" / "miniature.png").is_file() or "pip install matplotlib" in run.stdout
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert again.returncode == 0 and "[runs]" not in again.stdout and "[base]" not in again.stdout
+    second = next(run for run in todo if run.base and run.row.startswith(miniature.LOOP))  # afresh, on its base
+    fresh = subprocess.run(cmd + ["--rerun", second.folder], cwd=HERE, capture_output=True, text=True)
+    assert fresh.returncode == 0 and fresh.stdout.count("difference +0.0e+00") == 2, fresh.stdout + fresh.stderr
+    wrong = subprocess.run(cmd + ["--rerun", "nope"], cwd=HERE, capture_output=True, text=True)
+    assert wrong.returncode == 1 and wrong.stderr.startswith("error: --rerun nope: not a run") and "[" not in wrong.stdout
 
 # ----------------------------------------------------------------------------------------
 # The side-by-side benchmark's profile (experiments/benchmark.py --profile)

@@ -2,9 +2,10 @@
 Ouroboros in miniature: the paper's claims tested on a small pretrained Qwen2, on a CPU, offline,
 with seeds, controls and paired intervals.
 
-    python experiments/miniature.py           # the whole study: about 4 hours on 2 CPU cores, in parts if you like
+    python experiments/miniature.py           # the whole study: about 3 hours on 2 idle CPU cores, in parts if you like
     python experiments/miniature.py --quick   # the same pipeline at a smoke budget: a few minutes
     python experiments/miniature.py --fresh   # redo every stage instead of reusing what is done
+    python experiments/miniature.py --rerun dynamic-depth-4-ours-seed1   # one run afresh, against the committed
 
 Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue where it stopped):
   1. corpus  the Python standard library of this interpreter: real text that nobody here wrote,
@@ -187,20 +188,54 @@ def run_all(work, budget, bases, data, log):
     total, done, t0 = sum(map(cost, todo)), 0, time.time()
     spent, first = 0, {}  # the cost of the runs that ran now (not the cached ones), for the ETA
     for i, run in enumerate(todo, 1):
-        full = ["--eval-full"] if first.setdefault(run.base, run) == run else []  # once per base
+        # the frozen baseline and full model score the same in every run: once per base
+        refs = ["--eval-full"] if first.setdefault(run.base, run) == run else ["--no-eval-baseline"]
         out = work / "runs" / run.folder
         if not ended(out):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
             log(f"[runs] {i}/{len(todo)} {run.row}, seed {run.seed}"
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
-            finished = train.run_logged(out, ["--model", str(bases[run.base]), "--data", str(data),
-                                              "--steps", str(budget.steps), "--lr", str(budget.lr),
-                                              "--warmup", str(budget.warmup), "--seed", str(run.seed),
-                                              *full, *stdlib.batch_args(budget, data), *run.options])
+            finished = train.run_logged(out, run_argv(run, budget, bases, data, refs))
             if not (finished or (out / "diverged.txt").is_file()):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             spent += cost(run)
         done += cost(run)
+
+
+def run_argv(run, budget, bases, data, refs):
+    """train.py's options for `run`; refs: which frozen models its final table scores too."""
+    return ["--model", str(bases[run.base]), "--data", str(data), "--steps", str(budget.steps), "--lr",
+            str(budget.lr), "--warmup", str(budget.warmup), "--seed", str(run.seed), *refs,
+            *stdlib.batch_args(budget, data), *run.options]
+
+
+def rerun_target(work, results, budget, folder):
+    """--rerun's run and its committed row, or a one-line error before anything is trained."""
+    todo = {run.folder: run for run in runs(budget)}
+    if folder not in todo:
+        raise ValueError(f"--rerun {folder}: not a run of this study; its runs are the folders of {work}/runs, "
+                         f"e.g. {next(iter(todo))}")
+    run, file = todo[folder], results / "miniature.json"
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: no results to compare with")
+    row = json.loads(file.read_text())["rows"].get(run.row, {})
+    if run.seed not in row.get("seeds", []):
+        raise ValueError(f"{file}: no results for {run.row!r}, seed {run.seed}")
+    return run, row
+
+
+def rerun(work, budget, bases, data, run, row, log):
+    """--rerun: train one run of the study afresh in WORK/rerun/ and set its held-out losses beside
+    the committed ones (miniature.json): the check that a row reproduces."""
+    out = work / "rerun" / run.folder
+    shutil.rmtree(out, ignore_errors=True)
+    log(f"[rerun] {run.row}, seed {run.seed}, afresh in {out}")
+    if not train.run_logged(out, run_argv(run, budget, bases, data, ["--no-eval-baseline"])):
+        sys.exit(f"interrupted: {out} is not finished (a --rerun starts afresh)")
+    scored = json.loads((out / "windows.json").read_text())["ours"]
+    for split in HELD_OUT:
+        now, then = float(np.mean(scored[split])), row["by seed"][split][row["seeds"].index(run.seed)]
+        log(f"[rerun] {SPLITS[split]}: {now:.6f} now, {then:.6f} committed, difference {now - then:+.1e}")
 
 
 def ended(out):
@@ -536,6 +571,8 @@ def main(argv=None):
     ap.add_argument("--corpus", help="a folder of text instead of the Python standard library")
     ap.add_argument("--work", help="the cache of every stage (default out/miniature, out/miniature-quick)")
     ap.add_argument("--results", help="default experiments/results (--quick: WORK/results)")
+    ap.add_argument("--rerun", metavar="RUN", help="train one run afresh (a folder name of WORK/runs, e.g. "
+                    "dynamic-depth-4-ours-seed1) and compare it with the committed results")
     args = ap.parse_args(argv)
     try:
         study(args)
@@ -549,12 +586,15 @@ def study(args):
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
+    target = args.rerun and rerun_target(work, results, budget, args.rerun)  # checked before any work
     if args.fresh and work.exists():
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     bases = {seed: stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus, seed)[0]
-             for seed in (0, budget.second_base)}
+             for seed in ((target[0].base,) if target else (0, budget.second_base))}  # --rerun: its own
     data = work / "data"
+    if target:
+        return rerun(work, budget, bases, data, *target, log)
     run_all(work, budget, bases, data, log)
     report(work, results, budget, log, json.loads((data / "meta.json").read_text()))
 
