@@ -1128,8 +1128,43 @@ def test_failed_prepare_leaves_the_old_data_untouched(tmp_path, demo):
     for tokenizer, vocab_size in ((demo[0], None), (None, 300)):
         with pytest.raises(ValueError, match="bad.jsonl:3001"):
             prepare.prepare([tmp_path / "bad.jsonl"], tokenizer, tmp_path / "out", 0.5, vocab_size=vocab_size,
-                            log=quiet)
+                            log=quiet, overwrite=True)
         assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl", "good", "out"]  # no staging folder left
+
+
+def test_prepare_never_replaces_what_is_in_out_unless_told(tmp_path, demo):
+    """A second run on the same --out is refused (the first's files kept); --overwrite replaces the data
+    whole, leaving no file of the old run; a folder of other files is never replaced."""
+    write_docs(tmp_path / "a", ["first", "second", "third", "fourth"], "jsonl")
+    write_docs(tmp_path / "b", ["fifth", "sixth", "seventh", "eighth", "ninth", "tenth"], "jsonl")
+    prepare.prepare([tmp_path / "a"], demo[0], tmp_path / "out", 0.5, log=quiet)
+    (tmp_path / "out" / "prose.bin").write_bytes(b"\0" * 8)  # a file another stage added to the data
+    before = {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()}
+    with pytest.raises(SystemExit) as e:
+        prepare.main([str(tmp_path / "b"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out")])
+    assert str(e.value.code) == (f"error: --out {tmp_path}/out: holds prepared data (meta.json); give another "
+                                 "--out, or --overwrite to replace it")
+    assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
+    prepare.main([str(tmp_path / "b"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"), "--overwrite",
+                  "--val-fraction", "0.5"])
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["train_documents"] == 3
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"mine: holds files not made by data/prepare.py \(no meta.json\)"):
+        prepare.prepare([tmp_path / "a"], demo[0], tmp_path / "mine", 0.5, log=quiet, overwrite=True)
+    assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_prepare_refuses_an_out_inside_its_input_and_an_input_inside_its_out(tmp_path, demo):
+    """Else a second run reads its own meta.json and tokenizer.json as documents, or replaces its input."""
+    write_docs(tmp_path / "in", ["first", "second", "third", "fourth"], "jsonl")
+    with pytest.raises(ValueError, match=f"--out {tmp_path}/in/data: inside the input {tmp_path}/in "):
+        prepare.prepare([tmp_path / "in"], demo[0], tmp_path / "in" / "data", 0.5, log=quiet)
+    with pytest.raises(ValueError, match=f"{tmp_path}/in/docs.jsonl: inside --out {tmp_path}/in, which this run"):
+        prepare.prepare([tmp_path / "in" / "docs.jsonl"], demo[0], tmp_path / "in", 0.5, log=quiet)
+    assert [f.name for f in (tmp_path / "in").iterdir()] == ["docs.jsonl"]
 
 
 @pytest.mark.parametrize("out, expected", [
@@ -1515,8 +1550,9 @@ def poke(file, token):
 
 def tiny_data(model, data):
     """Data whose held-out split is 4 documents of ~4 tokens: too short for 64-token windows."""
-    (data / "t.jsonl").write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(400)))
-    prepare.prepare([data / "t.jsonl"], model, data, val_fraction=0.01, log=lambda *a, **k: None)
+    docs = data.parent / f"{data.name}.jsonl"
+    docs.write_text("".join(json.dumps({"text": f"doc {i}"}) + "\n" for i in range(400)))
+    prepare.prepare([docs], model, data, val_fraction=0.01, log=lambda *a, **k: None, overwrite=True)
 
 
 # case: (extra options, setup(model dir, data dir) of the copies, what the error line must say)
@@ -1736,6 +1772,61 @@ def test_the_study_refuses_a_bad_corpus_in_one_line(tmp_path, corpus, message):
         miniature.main(["--quick", "--corpus", str(folder), "--work", str(tmp_path / "work")])
     assert message.format(tmp=tmp_path) in str(e.value.code) and "\n" not in str(e.value.code)
     assert "--val-fraction" not in str(e.value.code)
+
+
+@pytest.mark.parametrize("made, argv, message", [
+    ("quick", [], "error: {work}/recipe.json: {work} was made with another recipe (config.vocab_size 512 there, "
+     "4096 now; config.hidden_size 64 there, 128 now;"),
+    ("demo", ["--quick"], "error: {work}/recipe.json: {work} was made with another recipe (config.vocab_size 4096 "
+     "there, 512 now;"),
+    ("other files", ["--quick"], "error: {work}: holds files but no recipe.json (made by something else, or before "
+     "recipes were recorded): give another folder, or delete it"),
+    ("other files", ["--quick", "--fresh"], "error: --fresh --work {work}: holds no recipe.json, so it was not made "
+     "by a study; it is left as it is"),
+    ("nothing", ["--quick", "--results", "experiments/results"], "error: --results experiments/results: the "
+     "committed study's; --quick writes its smoke results elsewhere (by default WORK/results)"),
+])
+def test_the_study_never_takes_or_replaces_what_another_budget_made(tmp_path, made, argv, message):
+    """A --work made for the smoke budget, or by the demo, is refused by the study (its runs and base would be
+    taken as done); so is a folder it did not make, and --quick aimed at the committed results. Refused
+    before any stage, nothing changed."""
+    work = tmp_path / "work"
+    work.mkdir()
+    if made in ("quick", "demo"):
+        stdlib.claim(work, miniature.QUICK if made == "quick" else stdlib.DEMO)
+    if made == "other files":
+        (work / "notes.txt").write_text("mine")
+    before = {f: f.read_bytes() for f in work.rglob("*") if f.is_file()}
+    committed = (HERE / "experiments" / "results" / "miniature.json").read_bytes()
+    with pytest.raises(SystemExit) as e:
+        miniature.main(["--work", str(work), *argv])
+    assert str(e.value.code).startswith(message.format(work=work)), e.value.code
+    assert "\n" not in str(e.value.code)
+    assert {f: f.read_bytes() for f in work.rglob("*") if f.is_file() and f.name != "lock"} == before
+    assert (HERE / "experiments" / "results" / "miniature.json").read_bytes() == committed
+
+
+def test_two_runs_on_one_work_folder_take_turns(tmp_path, monkeypatch):
+    """Two demos (or studies) started at once: the second waits for the first's data and base, then finds
+    them made; it never reads the first's half-made files."""
+    import threading
+    spans, said = [], []
+
+    def make_base(work, base, run, log, corpus, seed):  # stands in for the data and base stages
+        start = time.monotonic()
+        time.sleep(0.5)
+        spans.append((start, time.monotonic()))
+        return work / "base", work / "data"
+
+    monkeypatch.setattr(stdlib, "make_base", make_base)
+    both = [threading.Thread(target=stdlib.pretrained_base, args=(tmp_path, stdlib.DEMO, None, said.append))
+            for _ in range(2)]
+    for t in both:
+        t.start()
+    for t in both:
+        t.join(timeout=30)
+    (a0, a1), (b0, b1) = sorted(spans)
+    assert a1 <= b0 and said == [f"waiting for another process to finish preparing {tmp_path}"]
 
 
 def test_ctrl_c_while_the_study_prepares_data_is_one_line(tmp_path):

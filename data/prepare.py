@@ -37,10 +37,13 @@ When each file is one document, that is a split by file. A lone text file of n >
 that this rule would leave without a held-out one (n < 1/f) has its last document held out.
 
 Nothing is written until --out is known to be writable, the inputs are found and the tokenizer
-(if given) is read. Files are made in --out/prepare.tmp and moved into --out at the end, meta.json
-last: a failure leaves --out as it was (and no --out at all if it did not exist).
+(if given) is read. --out must be new or empty, or, with --overwrite, hold data this script made
+(its meta.json); it may not lie inside an input, nor an input inside it. The files are made in a
+hidden folder beside --out, which is renamed to --out when whole: a failure leaves --out as it was
+(and no --out at all if it did not exist), and of two runs on one --out, the second is refused.
 """
 import argparse
+import contextlib
 import hashlib
 import json
 import math
@@ -48,6 +51,7 @@ import os
 import re
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +71,26 @@ def check_out(path, flag="--out"):
         raise ValueError(f"{flag} {path}: {nearest} is a file, not a folder")
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise ValueError(f"{flag} {path}: {nearest} is not writable")
+
+
+def check_fresh(out, inputs, overwrite=False):
+    """Refuse, before any work, an --out that holds something (unless it is data this script made and
+    `overwrite` says to replace it), that lies inside an input (a second run would read its own
+    output), or that holds an input (it would be replaced)."""
+    out, where = Path(out), Path(out).resolve()
+    for name in map(Path, inputs):
+        if name.is_dir() and where.is_relative_to(name.resolve()):
+            raise ValueError(f"--out {out}: inside the input {name} (a second run would read its own output)")
+        if name.resolve().is_relative_to(where):
+            raise ValueError(f"{name}: inside --out {out}, which this run replaces")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    if not (out / "meta.json").is_file():
+        raise ValueError(f"--out {out}: holds files not made by data/prepare.py (no meta.json); give a new or "
+                         "empty folder")
+    if not overwrite:
+        raise ValueError(f"--out {out}: holds prepared data (meta.json); give another --out, or --overwrite "
+                         "to replace it")
 
 
 def find_inputs(inputs, extensions=()):
@@ -207,11 +231,12 @@ def load_tokenizer(path):
 
 
 def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_size=None, extensions=(),
-            log=print, too_few=None, held_out=None):
+            log=print, too_few=None, held_out=None, overwrite=False):
     """Tokenise `inputs` into out/train.bin, out/val.bin and out/meta.json; returns the meta dict.
     tokenizer=None with vocab_size=N: train one on the training documents, save it as out/tokenizer.json.
     `too_few`: what the error says when a split would be empty, for a caller without --val-fraction.
-    `held_out`: input files to hold out whole, instead of every (1/val_fraction)-th document."""
+    `held_out`: input files to hold out whole, instead of every (1/val_fraction)-th document.
+    `overwrite`: replace the data already in out (see check_fresh)."""
     if not 0 < val_fraction < 1:
         raise ValueError(f"--val-fraction {val_fraction} must be between 0 and 1")
     if (tokenizer is None) == (vocab_size is None):
@@ -220,16 +245,17 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
         raise ValueError(f"--train-tokenizer {vocab_size}: must be at least 257 (256 bytes and <|endoftext|>)")
     check_out(out)
     files = find_inputs(inputs, extensions)
+    check_fresh(out, inputs, overwrite)
     if tokenizer is not None:
         tok, eos, sha = load_tokenizer(tokenizer)
     out = Path(out)
-    made = [p for p in (out, *out.parents) if not p.exists()]  # folders this run creates, deepest first
-    stage, names = out / "prepare.tmp", ("train", "val")
+    made = [p for p in out.parents if not p.exists()]  # folders this run creates, deepest first
+    names = ("train", "val")
     counts = {f"{s}_{what}": 0 for s in names for what in ("tokens", "documents")}
     counts.update(files=len(files), empty_skipped=0)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # hidden: never an input
     try:
-        shutil.rmtree(stage, ignore_errors=True)  # left by a run that was killed
-        stage.mkdir(parents=True)
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")
             train_docs = (doc for doc, split in read(files, val_fraction, held_out) if split == "train")
@@ -259,13 +285,22 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
                 "tokenizer_sha256": sha, "val_fraction": val_fraction, "inputs": [str(f) for f, _ in files],
                 "inputs_sha256": hashlib.sha256(listing.encode()).hexdigest()}
         (stage / "meta.json").write_text(json.dumps(meta, indent=2))
+        check_fresh(out, inputs, overwrite)  # again: another run may have filled --out meanwhile
+        old = out.parent / f"{stage.name}.old"
+        if out.is_dir() and any(out.iterdir()):  # --overwrite: the old data set aside, the new renamed in
+            os.rename(out, old)
+        try:
+            os.rename(stage, out)  # whole, at once (an empty --out is replaced)
+        except OSError:
+            raise ValueError(f"--out {out}: filled by another run while this one worked; it is left as that "
+                             "run made it") from None
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
-        shutil.rmtree(made[-1] if made else stage, ignore_errors=True)
+        shutil.rmtree(stage, ignore_errors=True)
+        for folder in made:  # deepest first, each only if nothing else was put in it
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
-    (out / "meta.json").unlink(missing_ok=True)  # an old meta.json must not vouch for new .bin files
-    for file in sorted(stage.iterdir(), key=lambda f: f.name == "meta.json"):  # meta.json last: it vouches
-        os.replace(file, out / file.name)
-    stage.rmdir()
     log(f"{out}: train {counts['train_tokens']:,} tokens in {counts['train_documents']:,} documents, "
         f"val {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents, from "
         f"{len(files):,} file(s); {counts['empty_skipped']:,} empty document(s) skipped")
@@ -280,11 +315,12 @@ def main(argv=None):
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--val-fraction", type=float, default=0.005, help="share of documents held out")
     ap.add_argument("--ext", action="append", default=[], help="more extensions to read in folders (.tex,.html)")
+    ap.add_argument("--overwrite", action="store_true", help="replace the data already in --out")
     args = ap.parse_args(argv)
     extensions = ["." + e.strip().lstrip(".") for arg in args.ext for e in arg.split(",") if e.strip()]
     try:
         prepare(args.inputs, args.tokenizer, args.out, args.val_fraction, vocab_size=args.train_tokenizer,
-                extensions=extensions)
+                extensions=extensions, overwrite=args.overwrite)
     except (ValueError, FileNotFoundError) as e:  # one line naming the file, no traceback
         sys.exit(f"error: {e}")
 

@@ -13,6 +13,11 @@ Python. pretrained_base makes, in a work folder, each stage skipped once done:
 train.py imports this module, so this module does not import train.py: the caller hands in
 the function that runs it (train.run_logged).
 
+The recipe (the Base, or the study's Budget, and the corpus) is recorded in work/recipe.json
+by the first run; a later run with another recipe is refused, so that nothing made under one
+recipe is taken for a stage of another. While a run makes its stages it holds work/lock: a
+second run on the same folder waits for it, then finds the stages done.
+
 Two held-out sets, neither ever trained on:
   val.bin    whole module families (held_out_families): cp850.py is 99% line-identical to
              cp858.py, so a file-by-file split would score near-copies of training files.
@@ -20,6 +25,9 @@ Two held-out sets, neither ever trained on:
              (its `topics` dict, one document per topic; the module itself is left out of
              training). prose.json records its size and the sha256 of the text.
 """
+import contextlib
+import dataclasses
+import fcntl
 import hashlib
 import json
 import re
@@ -119,11 +127,56 @@ def batch_args(base, data):
             *(["--eval-on", str(prose)] if prose.is_file() else [])]
 
 
+def recipe(base, corpus=None):
+    """What the stages of a work folder are made from, as flat JSON: {"config.hidden_size": 128, ...}."""
+    fields = {k: v for k, v in dataclasses.asdict(base).items() if k != "config"}
+    flat = {**{f"config.{k}": v for k, v in base.config.to_dict().items()}, **fields,
+            "corpus": corpus and str(Path(corpus).resolve())}
+    return json.loads(json.dumps(flat))  # tuples as lists, as they are read back
+
+
+def claim(work, base, corpus=None):
+    """Record the recipe of `work` in work/recipe.json, or refuse a folder made with another one (or
+    one that holds other files), naming what differs."""
+    file, now = work / "recipe.json", recipe(base, corpus)
+    if file.is_file():
+        was = ob.read_json(file, "")
+        diff = [f"{k} {was.get(k, 'unset')} there, {v} now" for k, v in now.items() if was.get(k) != v]
+        diff += [f"{k} {v} there, unset now" for k, v in was.items() if k not in now]
+        if diff:
+            raise ValueError(f"{file}: {work} was made with another recipe ({'; '.join(diff[:4])}"
+                             f"{f'; and {len(diff) - 4} more' if len(diff) > 4 else ''}): give another folder")
+    elif any(f.name != "lock" for f in work.iterdir()):
+        raise ValueError(f"{work}: holds files but no recipe.json (made by something else, or before recipes were "
+                         "recorded): give another folder, or delete it")
+    else:
+        ob.write_json(file, now)
+
+
+@contextlib.contextmanager
+def holding(work, log=print):
+    """work/lock for as long as this process makes stages in `work`; a second process waits."""
+    work.mkdir(parents=True, exist_ok=True)
+    with open(work / "lock", "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log(f"waiting for another process to finish preparing {work}")
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when its holder ends, however it ends
+        yield
+
+
 def pretrained_base(work, base, run, log=print, corpus=None, seed=0):
     """Stages data/ and base/ in `work` (see the module docstring), from the standard library or
     from the folder `corpus`; run(out, argv) is train.run_logged. A `seed` other than 0 pretrains
     in base-seedN/ instead. Returns (base checkpoint, data)."""
     work = Path(work)
+    with holding(work, log):
+        claim(work, base, corpus)
+        return make_base(work, base, run, log, corpus, seed)
+
+
+def make_base(work, base, run, log, corpus, seed):
     data, init, out = work / "data", work / "init", work / ("base" if seed == 0 else f"base-seed{seed}")
     if not (data / "meta.json").is_file():
         inputs = [corpus] if corpus else [f for f in stdlib_files(base.every_nth_file) if family(f) != PROSE]

@@ -586,8 +586,14 @@ def study(args):
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
+    if args.quick and results.resolve() == (HERE / "results").resolve():
+        raise ValueError(f"--results {args.results}: the committed study's; --quick writes its smoke results "
+                         "elsewhere (by default WORK/results)")
     target = args.rerun and rerun_target(work, results, budget, args.rerun)  # checked before any work
     if args.fresh and work.exists():
+        if not (work / "recipe.json").is_file():  # only a folder a study or demo made (data/stdlib.py)
+            raise ValueError(f"--fresh --work {work}: holds no recipe.json, so it was not made by a study; "
+                             "it is left as it is")
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     bases = {seed: stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus, seed)[0]
