@@ -260,7 +260,7 @@ class Qwen2(nn.Module):
 
     def embed(self, idx, caches=None):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
-        check_idx(idx, self.cfg.vocab_size)
+        check_idx(idx)
         start = caches[0].len if caches else 0
         return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
 
@@ -270,7 +270,7 @@ class Qwen2(nn.Module):
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         if targets is None:
             return F.linear(self.model.norm(h), w), None
-        check_targets(targets, h, len(w))
+        check_targets(targets, h)
         # F.cross_entropy(logits, targets), computed a block of the vocabulary at a time (Part 2)
         return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
 
@@ -943,6 +943,19 @@ def read_json(file, hint):
         raise ValueError(f"{file}: not valid JSON ({e})") from None
 
 
+def read_tokenizer(path):
+    """A tokenizer.json (or a model directory holding one), or one line naming it: not found, or not a
+    tokenizer (truncated, or not JSON)."""
+    from tokenizers import Tokenizer
+    path = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (give a tokenizer.json or a model directory)")
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # tokenizers raises a bare Exception
+        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+
+
 def random_weights(cfg, device, std=0.02):
     """A stand-in for Checkpoint.read: N(0, std) for every tensor, 1 + N(0, std) for norms."""
     shapes = {k: v.shape for k, v in Qwen2.on_meta(cfg).state_dict().items()}
@@ -962,7 +975,8 @@ def load_frozen(module, read, dtype):
 def read_trainable_options(file, with_config=False):
     """The options an Ouroboros trainable file was saved with."""
     if not Path(file).is_file():
-        raise FileNotFoundError(f"{file}: not found")
+        raise FileNotFoundError(f"{file}: " + ("a folder: give the file (OUT/ouroboros.safetensors)"
+                                               if Path(file).is_dir() else "not found"))
     try:
         with safe_open(file, framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -1014,16 +1028,23 @@ def config_from_dict(cls, raw, source):
     rope = raw.get("rope_parameters") or {}  # transformers 5.x spelling
     if raw.get("rope_scaling") or rope.get("rope_type", "default") != "default":
         refuse(f"rope scaling {raw.get('rope_scaling') or rope}")
-    raw = {"num_key_value_heads": raw.get("num_attention_heads"), **raw,
-           "rope_theta": raw.get("rope_theta", rope.get("rope_theta", cls.rope_theta))}
+    raw = dict(raw)  # transformers' own readings of an absent (or null) key:
+    if raw.get("num_key_value_heads") is None:  # as many key/value heads as query heads
+        raw["num_key_value_heads"] = raw.get("num_attention_heads")
+    if "rope_theta" not in raw and "rope_theta" in rope:  # 5.x: the theta is in rope_parameters
+        raw["rope_theta"] = rope["rope_theta"]
     for f in fields(cls):
         value = raw.get(f.name)
+        if f.name in raw and value is None:  # null would silently be a default: another model than described
+            raise ValueError(f"{source}: key {f.name!r} is null: must be "
+                             + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0")
+                             + ("" if f.default is MISSING else f" (leave the key out for the default {f.default})"))
         if f.default is MISSING and value is None:
             raise ValueError(f"{source}: key {f.name!r} is missing")
         if value is not None and not (is_a(value, f.type) and (f.type is bool or value > 0)):
             raise ValueError(f"{source}: key {f.name!r} is {value!r}: must be "
                              + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0"))
-    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if raw.get(f.name) is not None})  # null: the default
+    cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
     if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
         refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")
     return cfg
@@ -1053,27 +1074,25 @@ def check_config(cfg):
                          f"of num_key_value_heads {cfg.num_key_value_heads}")
 
 
-def check_ids(ids, vocab_size, what, ignore=None):
-    """A one-line error naming an id outside 0..vocab_size-1 (ids equal to `ignore` pass), with one
-    host sync, rather than an index error from deep inside torch."""
-    lo, hi = (ids if ignore is None else ids.masked_fill(ids == ignore, 0)).aminmax()
+def check_ids(ids, vocab_size, what):
+    """A one-line error naming an id outside 0..vocab_size-1, rather than an index error from deep
+    inside torch. It waits for the device (one host sync), so it runs where ids enter (the prompt of
+    generate; train.py checks its token files), never inside forward."""
+    lo, hi = ids.aminmax()
     if ((lo < 0) | (hi >= vocab_size)).item():
-        raise ValueError(f"{what} id {(lo if lo < 0 else hi).item()} is outside the vocabulary 0..{vocab_size - 1}"
-                         + (f" (and is not {ignore})" if ignore is not None else ""))
+        raise ValueError(f"{what} id {(lo if lo < 0 else hi).item()} is outside the vocabulary 0..{vocab_size - 1}")
 
 
-def check_idx(idx, vocab_size):
-    """Qwen2.embed's input: a non-empty (batch, time) tensor of ids in the vocabulary."""
+def check_idx(idx):
+    """Qwen2.embed's input: a non-empty (batch, time) tensor (its shape alone: no host sync)."""
     if idx.dim() != 2 or idx.numel() == 0:
         raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
-    check_ids(idx, vocab_size, "token")
 
 
-def check_targets(targets, h, vocab_size):
-    """Qwen2.head's targets: one per position, each in the vocabulary or -100 (not counted)."""
+def check_targets(targets, h):
+    """Qwen2.head's targets: one per position (their values are the data's, checked where it enters)."""
     if targets.shape != h.shape[:2]:
         raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
-    check_ids(targets, vocab_size, "target", ignore=-100)
 
 
 def check_options(controller, pool, max_steps):
@@ -1113,6 +1132,7 @@ def check_prompt(model, idx, max_new_tokens, temperature, top_k):
     if idx.dim() != 2:
         raise ValueError(f"the prompt must be a (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
     check_generation(model.cfg, idx.size(1), max_new_tokens, temperature, top_k)
+    check_ids(idx, model.cfg.vocab_size, "token")
     if isinstance(model, Ouroboros) and model.pool == "mean":
         raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
                          "of all earlier positions (train with pool='causal')")
@@ -1141,7 +1161,6 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
-    from tokenizers import Tokenizer
     try:
         # Everything that can be checked is checked before the weights load (minutes for 3B).
         if args.trained and (args.full or args.baseline):
@@ -1157,12 +1176,12 @@ def main(argv=None):
         max_steps = options.get("max_steps", MAX_STEPS)
         if not 1 <= args.depth <= max_steps:
             raise ValueError(f"--depth {args.depth} is outside 1..{max_steps} (max_steps)")
-        tok_file = Path(args.model) / "tokenizer.json"
-        if not tok_file.is_file():
-            raise FileNotFoundError(f"{tok_file}: not found")
-        tok, dtype = Tokenizer.from_file(str(tok_file)), args.dtype and getattr(torch, args.dtype)
+        tok, dtype = read_tokenizer(Path(args.model) / "tokenizer.json"), args.dtype and getattr(torch, args.dtype)
         prompt = tok.encode(args.prompt).ids
         check_generation(cfg, len(prompt), args.max_new_tokens, args.temperature, args.top_k)
+        if max(prompt) >= cfg.vocab_size:
+            raise ValueError(f"{args.model}/tokenizer.json gives the prompt token id {max(prompt)}, outside the "
+                             f"vocabulary 0..{cfg.vocab_size - 1} of its config.json (a tokenizer of another model?)")
         if args.full:
             model = Qwen2.from_pretrained(args.model, device=args.device, dtype=dtype)
         else:

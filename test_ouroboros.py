@@ -546,16 +546,24 @@ BAD_CHECKPOINTS = {
     "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
     "a number too large for a float": (config_edit(rope_theta=10 ** 400),
                                        "key 'rope_theta' is 1000.*: must be a number"),
-    "null for a required key": (config_edit(hidden_size=None), "key 'hidden_size' is missing"),
+    "null for a required key": (config_edit(hidden_size=None), "key 'hidden_size' is null: must be an integer above 0$"),
+    "null theta": (config_edit(rope_theta=None), r"key 'rope_theta' is null: must be a number above 0 \(leave the key "
+                   r"out for the default 10000.0\)"),
+    "null eps": (config_edit(rms_norm_eps=None), "key 'rms_norm_eps' is null: must be a number above 0 "),
+    "null flag": (config_edit(tie_word_embeddings=None), "key 'tie_word_embeddings' is null: must be true or false "),
 }
 
 
-def test_null_for_an_optional_config_key_means_its_default(tmp_path):
-    """config.json's null (as some exporters write) is the key left out: the default, not None."""
+def test_config_nulls_that_transformers_reads_as_defaults_are_read_so(tmp_path):
+    """A null (or absent) num_key_value_heads is one key/value head per query head, and transformers 5.x's
+    theta in rope_parameters stands when the top-level key is absent. Any other null is refused (above): it
+    would silently describe another model."""
     write_tiny(tmp_path)
-    config_edit(rms_norm_eps=None, rope_theta=None)(tmp_path)
-    cfg = ob.Ouroboros.from_pretrained(tmp_path, device="cpu").cfg
-    assert cfg.rms_norm_eps == ob.Qwen2Config.rms_norm_eps and cfg.rope_theta == ob.Qwen2Config.rope_theta
+    config_edit(num_key_value_heads=None)(tmp_path)
+    assert ob.Qwen2Config.from_pretrained(tmp_path).num_key_value_heads == TINY.num_attention_heads
+    raw = TINY.to_dict()
+    rope_in_rope_parameters(raw)
+    assert ob.Qwen2Config.from_dict(raw).rope_theta == TINY.rope_theta
 
 
 @pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
@@ -590,20 +598,31 @@ def test_depth_outside_1_to_max_steps_is_refused(tiny, depth):
 
 
 @pytest.mark.parametrize("bad", [-1, TINY.vocab_size])
-def test_token_outside_vocabulary_is_refused(tiny, bad):
+def test_a_prompt_token_outside_the_vocabulary_is_refused_in_one_line(tiny, bad):
+    """Ids are checked where they enter: a prompt here (train.py checks its token files)."""
     idx = ids()
     idx[1, 3] = bad
     with pytest.raises(ValueError, match=rf"token id {bad} is outside the vocabulary 0..{TINY.vocab_size - 1}"):
-        ob.Ouroboros.from_pretrained(tiny, device="cpu")(idx)
+        ob.generate(ob.Ouroboros.from_pretrained(tiny, device="cpu"), idx, 2)
 
-@pytest.mark.parametrize("bad", [-1, TINY.vocab_size])
-def test_target_outside_vocabulary_is_refused(tiny, bad):
-    """-100 is ignored; any other id outside the vocabulary is an error, not a silently wrong loss."""
+
+def test_forward_and_backward_never_wait_for_the_device(tiny, monkeypatch):
+    """No host sync in a training step (it would stall the GPU and break a compiled graph): every way a
+    tensor's value reaches Python raises while the model runs forward and backward."""
+    model = ob.Ouroboros.from_pretrained(tiny, device="cpu")
     idx = ids()
-    targets = idx.roll(-1, 1)
-    targets[1, 3] = bad
-    with pytest.raises(ValueError, match=rf"target id {bad} is outside the vocabulary 0..{TINY.vocab_size - 1}"):
-        ob.Ouroboros.from_pretrained(tiny, device="cpu")(idx, 2, targets)
+
+    def sync(*args):
+        raise AssertionError("a host sync in the training step")
+
+    for name in ("item", "tolist", "__bool__", "__int__", "__float__", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, sync)
+    with pytest.raises(AssertionError, match="host sync"):  # the trap works
+        bool(torch.ones(()) > 0)
+    model(idx, 3, idx.roll(-1, 1), return_logits=False)[1].backward()
+    model.baseline(idx, idx.roll(-1, 1))
+    monkeypatch.undo()
+    assert model.gate.weight.grad.abs().sum() > 0
 
 # ----------------------------------------------------------------------------------------
 # Generation with a KV cache
@@ -722,6 +741,7 @@ BAD_GENERATIONS = {
     "trained with full": (["--trained", "{trained}", "--full"], "--trained with --full"),
     "trained with baseline": (["--trained", "{trained}", "--baseline"], "--trained with --baseline"),
     "trained not found": (["--trained", "{tmp}/none.safetensors"], "none.safetensors: not found"),
+    "trained is a folder": (["--trained", "{tmp}"], "{tmp}: a folder: give the file (OUT/ouroboros.safetensors)"),
     "trained is not ours": (["--trained", "{tiny}/model-00001-of-00002.safetensors"],
                             "not an Ouroboros trainable file"),
     "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
@@ -749,6 +769,25 @@ def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, ot
         ob.main(["--model", str(tiny), "--prompt", "hi", *map(fill, args)])
     line = str(e.value.code)
     assert line.startswith("error: ") and "\n" not in line and fill(message) in line, line
+
+
+@pytest.mark.parametrize("tokenizer, message", [
+    (lambda text: text[:len(text) // 2], "tokenizer.json: not a readable tokenizer.json (EOF while parsing"),
+    (lambda text: "garbage", "tokenizer.json: not a readable tokenizer.json (expected value"),
+    (lambda text: re.sub(r'"z": \d+', '"z": 9999', text, count=1), None),  # the byte "z" is now id 9999
+])
+def test_generation_refuses_a_bad_tokenizer_json_in_one_line(tiny, tmp_path, monkeypatch, tokenizer, message):
+    """A truncated or garbage tokenizer.json, or one whose ids do not fit the model, before any weight loads."""
+    model = tmp_path / "model"
+    shutil.copytree(tiny, model)
+    text = (model / "tokenizer.json").read_text()
+    (model / "tokenizer.json").write_text(tokenizer(text))
+    monkeypatch.setattr(ob.Checkpoint, "__init__", lambda *a: pytest.fail("weights loaded before the check"))
+    with pytest.raises(SystemExit) as e:
+        ob.main(["--model", str(model), "--prompt", "z", "--max-new-tokens", "4"])
+    line = str(e.value.code)
+    assert line.startswith(f"error: {model}") and "\n" not in line, line
+    assert (message or f"gives the prompt token id 9999, outside the vocabulary 0..{TINY.vocab_size - 1}") in line
 
 
 @pytest.mark.parametrize("args, status, message", [

@@ -57,6 +57,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run as a script: ouroboros.py is one folder up
+import ouroboros as ob  # noqa: E402
+
 RECORDS = (".jsonl", ".parquet")  # files of many documents; every other file is one text
 TEXT = (".txt", ".md", ".rst", ".py")  # the text files a folder gives without --ext
 CHUNK = 4096  # characters per document when a lone file has no blank lines to cut at
@@ -216,14 +219,8 @@ def train_tokenizer(texts, path, vocab_size):
 
 def load_tokenizer(path):
     """A tokenizer.json (or a model directory holding one): the tokenizer, its EOS id, its sha256."""
-    from tokenizers import Tokenizer
     path = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: not found (give a tokenizer.json or a model directory)")
-    try:
-        tok = Tokenizer.from_file(str(path))
-    except Exception as e:  # tokenizers raises a bare Exception
-        raise ValueError(f"{path}: not a readable tokenizer.json ({e})") from None
+    tok = ob.read_tokenizer(path)
     eos = tok.token_to_id("<|endoftext|>")
     if eos is None:
         raise ValueError(f"{path}: the tokenizer has no <|endoftext|> token to separate documents")
