@@ -1063,7 +1063,7 @@ def test_named_files_are_text_and_folders_take_known_extensions_and_ext(tmp_path
 
     def inputs(*argv):
         prepare.main([*map(str, argv), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"),
-                      "--val-fraction", "0.5"])
+                      "--val-fraction", "0.5", "--overwrite"])
         return [Path(f).relative_to(tmp_path / "in").as_posix()
                 for f in json.loads((tmp_path / "out" / "meta.json").read_text())["inputs"]]
     assert inputs(tmp_path / "in") == ["a.md", "b.py", "c.rst", "d.txt", "sub/g.txt"]  # not hidden .git
@@ -1460,13 +1460,29 @@ def test_rerunning_a_command_is_refused_and_the_run_kept(tmp_path, demo):
     assert {f.name: f.read_bytes() for f in tmp_path.iterdir() if f.name != "lock"} == before
 
 
-def test_an_out_that_holds_a_model_is_refused_and_left_as_it_was(tmp_path, demo):
-    """--out pointing at a model folder (model.safetensors): refused in one line before anything,
-    not even OUT/lock, is written there."""
-    shutil.copytree(demo[0], tmp_path / "model")
-    before = sorted(f.name for f in (tmp_path / "model").iterdir())
-    assert "model.safetensors: a run is saved in" in error_line(run_args(demo, tmp_path / "model"))
-    assert sorted(f.name for f in (tmp_path / "model").iterdir()) == before
+@pytest.mark.parametrize("flags, message", [
+    ([], "config.json: {out} holds a model, not a run of train.py; give another --out"),
+    (["--overwrite"], "config.json: {out} holds a model, not a run of train.py"),  # would delete it
+    (["--pretrain"], "config.json: {out} holds a model, not a run of train.py"),
+    (["--resume"], "{out}/state.json: not found (no checkpoint to resume: run without --resume)"),
+])
+def test_an_out_that_holds_a_model_is_refused_and_left_as_it_was(tmp_path, tiny, demo, flags, message):
+    """--out pointing at a model folder (here a sharded one, which has no model.safetensors): refused in
+    one line before anything, not even OUT/lock, is written there."""
+    out = tmp_path / "model"
+    shutil.copytree(tiny, out)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+    assert message.format(out=out) in error_line(run_args(demo, out, *flags))
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+
+
+def test_a_refused_run_leaves_no_folder_and_no_lock(tmp_path, demo):
+    """A refusal after the lock was taken (here: data too short for the windows) leaves --out as it was:
+    not made at all when it did not exist."""
+    data = tmp_path / "data"
+    tiny_data(demo[0], data)
+    assert "val.bin: " in error_line(run_args((demo[0], data), tmp_path / "new" / "out", "--seq-len", "64"))
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["data", "data.jsonl"]
 
 
 def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
@@ -1483,6 +1499,39 @@ def test_a_finished_run_goes_further_with_resume_and_more_steps(tmp_path, demo):
     assert [m["step"] for m in metrics(tmp_path)] == [1, 2, 3, 4, 5, 6]
     assert [m["lr"] for m in metrics(tmp_path)][4:] == [train.get_lr(s, args) for s in (4, 5)]
     assert json.loads((tmp_path / "state.json").read_text())["step"] == 6
+
+
+def test_resume_takes_the_saved_runs_options_where_the_command_gives_none(tmp_path, demo):
+    """`--out OUT --resume --steps 6` goes on as the run was made (its model, data, batch shape, lr,
+    warmup...), not with this file's defaults, and ends where the full command does. What the command
+    does give is compared with the saved run: another value is refused, naming the option typed."""
+    for out in (tmp_path / "short", tmp_path / "full"):
+        train.main(run_args(demo, out, "--steps", "4"))
+    short = train.main(["--out", str(tmp_path / "short"), "--resume", "--steps", "6"])
+    full = train.main(run_args(demo, tmp_path / "full", "--steps", "6", "--resume"))
+    for (name, p), (_, q) in zip(train.trainables(short), train.trainables(full)):
+        assert torch.equal(p, q), name
+    assert [m["step"] for m in metrics(tmp_path / "short")] == [1, 2, 3, 4, 5, 6]
+    assert "and --steps is 6: give a larger --steps" in error_line(["--out", str(tmp_path / "short"), "--resume"])
+    message = error_line(["--out", str(tmp_path / "short"), "--resume", "--steps", "8", "--warmup", "3"])
+    assert "--resume with other options (warmup: checkpoint 1, now 3)" in message
+
+
+def test_compile_says_what_it_costs_on_a_cpu(tmp_path, demo, monkeypatch, capsys):
+    """--compile on a CPU works, but compiling takes minutes: the log says so before the first step."""
+    monkeypatch.setattr(torch, "compile", lambda model: model)  # the compiled path itself: tested elsewhere
+    train.main(run_args(demo, tmp_path, "--steps", "1", "--warmup", "0", "--compile"))
+    out = capsys.readouterr().out
+    assert "--compile: the first steps compile the model (on a CPU: minutes, paid back only in long runs)" in out
+    assert out.index("--compile:") < out.index("step 1/1")
+
+
+def test_resume_refuses_a_checkpoint_with_a_file_missing_before_loading(tmp_path, demo, monkeypatch):
+    train.main(run_args(demo, tmp_path, "--steps", "2"))
+    (tmp_path / "optimizer.safetensors").unlink()
+    monkeypatch.setattr(ob.Ouroboros, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
+    assert (f"{tmp_path}/optimizer.safetensors: not found, so the checkpoint in {tmp_path} cannot be resumed "
+            "(start afresh with --overwrite)") in error_line(run_args(demo, tmp_path, "--steps", "4", "--resume"))
 
 
 def test_a_run_saved_before_an_option_existed_resumes_and_its_trainables_load(tmp_path, demo):
@@ -1526,6 +1575,7 @@ def test_overwrite_starts_afresh(tmp_path, demo):
     (["--pretrain", "--eval-full"], "--pretrain and --eval-full do not go together"),
     (["--seq-len", "1"], "--seq-len 1 must be >= 2 (one token has no context to learn from)"),
     (["--out", "FILE/run"], "is a file, not a folder"),
+    (["--eval-depths", "0,65"], "depth 0 is outside 1..64"),  # not after training and the final table
 ])
 def test_options_are_refused_before_anything_is_loaded(tmp_path, demo, monkeypatch, extra, expected):
     def not_now(*args, **kwargs):
@@ -1618,6 +1668,9 @@ BAD_RUNS = {
     "depth above max_steps": (["--depths", "4,65"], None, "depth 65 is outside 1..64"),
     "rank too large": (["--rank", "100"], None, "rank 100 is out of range"),
     "resume without checkpoint": (["--resume"], None, "state.json: not found (no checkpoint to resume"),
+    "eval-on not found": (["--eval-on", "nowhere"], None, "--eval-on {tmp}/nowhere: not found"),
+    "eval-on a folder": (["--eval-on", "data"], None, "--eval-on {tmp}/data: a folder, not a token file"),
+    "eval-on not tokens": (["--eval-on", "data/meta.json"], None, "meta.json: {size} bytes: not a file of uint32"),
 }
 
 
@@ -1631,7 +1684,8 @@ def test_bad_input_is_one_line_error(tmp_path, demo, case):
             (dst / f.name).write_bytes(f.read_bytes())
     if setup:
         setup(model, data)
-    extra = [str(tmp_path / a) if a == "nowhere" else a for a in extra]
+    extra = [str(tmp_path / a) if a in ("nowhere", "data", "data/meta.json") else a for a in extra]
+    expected = expected.format(tmp=tmp_path, size=f"{(data / 'meta.json').stat().st_size:,}")
     assert expected in error_line(run_args((model, data), tmp_path / "out", *extra)), case
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the run began
 
@@ -1662,7 +1716,7 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, 
     try:
         message = error_line(argv)
     finally:
-        train.HELD.pop().close()
+        train.release()
     assert f"{tmp_path}/lock: {tmp_path} is in use by train.py (pid {os.getpid()} on" in message
     assert not (tmp_path / "metrics.jsonl").exists()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
@@ -1711,6 +1765,7 @@ def test_a_run_killed_before_its_results_writes_them_when_resumed(tmp_path, demo
     train.main(run_args(demo, tmp_path, "--steps", "2", "--resume"))
     got = json.loads((tmp_path / "results.json").read_text())
     assert {k: v for k, v in got.items() if k != "run"} == {k: v for k, v in expected.items() if k != "run"}
+    assert got["run"]["tok_s"] > 0  # from the steps in metrics.jsonl: none ran in the resumed process
     (tmp_path / "results.json").unlink()
     argv = run_args(demo, tmp_path, "--steps", "2")
     del argv[argv.index("--out"):argv.index("--out") + 2]  # run_logged gives --out, and --resume

@@ -118,7 +118,8 @@ def parse_args(argv=None):
     a("--save-every", type=positive, default=1000)
     a("--device", help="default: cuda if there is one, else cpu")
     a("--dtype", choices=["float32", "bfloat16"], help="frozen weights: default bf16 on CUDA, float32 on CPU")
-    a("--compile", action="store_true")
+    a("--compile", action="store_true", help="torch.compile the model: faster steps on a GPU; on a CPU the "
+      "compilation takes minutes and pays off only in long runs")
     a("--checkpointing", action="store_true", help="recompute each loop step in backward (deep loops)")
     a("--seed", type=int, default=1337, help="trainables' initialisation and data order")
     a("--resume", action="store_true", help="continue the run saved in --out")
@@ -134,6 +135,11 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if args.demo or args.benchmark:  # other defaults (what the command line gives still wins)
         ap.set_defaults(**DEMO if args.demo else dict(out="out/benchmark", steps=10, warmup=0))
+        args = ap.parse_args(argv)
+    if args.resume:  # what the command line does not give is the saved run's, not these defaults
+        check_flags(args)
+        saved = saved_state(Path(args.out))
+        ap.set_defaults(**{k: v for k, v in saved.get("args", saved["options"]).items() if k in vars(args)})
         args = ap.parse_args(argv)
     args.depths = args.depths or [args.depth]
     return args
@@ -279,6 +285,9 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model, opt, splits, run, start, tokens_per_step = setup(args, log, device, world, rank)
     out, params = Path(args.out), [p for _, p in trainables(model)]
+    if args.compile:
+        log("--compile: the first steps compile the model" + (" (on a CPU: minutes, paid back only in long runs)"
+                                                              if device.type == "cpu" else ""))
     forward = torch.compile(model) if args.compile else model
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.pretrain and device.type == "cuda")
 
@@ -362,7 +371,8 @@ def train(args):
         history.append(m)
         if not args.benchmark and ((step + 1) % args.save_every == 0 or step + 1 == args.steps or stopping):
             if rank == 0:  # data position and RNG are the step and the seed: get_batch draws from them
-                save(out, model, opt, dict(step=step + 1, tokens_seen=(step + 1) * tokens_per_step, options=run))
+                save(out, model, opt, dict(step=step + 1, tokens_seen=(step + 1) * tokens_per_step, options=run,
+                                           args=vars(args) | dict(resume=False, overwrite=False, demo=False)))
             saved = step + 1
         if stopping:
             log(f"interrupted: saved step {step + 1} in {out}; continue with the same command and --resume")
@@ -434,7 +444,8 @@ def report(args, model, history, final, loss_of, steps_taken, log, rank):
     for row, v in res.items():
         log(f"{row:<22}" + "".join(f"{v[s]:>10.4f}" for s in res[name]))
     if rank == 0:
-        trained = [m for m in history[1:] or history]
+        logged = [json.loads(line) for line in (Path(args.out) / "metrics.jsonl").read_text().splitlines()]
+        trained = logged[1:] or logged  # every step of the run, those before a --resume too
         res["run"] = dict(steps=args.steps, depth=args.depth, trainable=sum(p.numel() for _, p in trainables(model)),
                           tok_s=median([m["tok_s"] for m in trained]) if trained else None,
                           final_batches={s: len(v) for s, v in scored[name].items()})
@@ -451,15 +462,19 @@ def peak_memory(device):
 # Checks: everything that can be refused without weights, in one line naming the flag and value
 
 
-def check_options(args):
+def check_flags(args):
     for a, b in (("demo", "benchmark"), ("demo", "pretrain"), ("benchmark", "pretrain"), ("demo", "resume"),
                  ("resume", "overwrite"), ("pretrain", "eval_full")):
         if getattr(args, a) and getattr(args, b):
             raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
+
+
+def check_options(args):
+    check_flags(args)
     if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
         raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
                          "are Ouroboros options")
-    for depth in (args.depth, *args.depths):  # --depth is also the evaluation's
+    for depth in (args.depth, *args.depths, *args.eval_depths):  # --depth is also the evaluation's
         if not 1 <= depth <= ob.MAX_STEPS:
             raise ValueError(f"depth {depth} is outside 1..{ob.MAX_STEPS} (the Controller's step table)")
     for flag, ok, need in (("seq_len", args.seq_len >= 2, ">= 2 (one token has no context to learn from)"),
@@ -501,9 +516,11 @@ def load_data(args, cfg, rank, world):
                          f"{cfg.vocab_size}")
     splits, files = {}, {"train": data / "train.bin", "val": data / "val.bin"}
     for f in map(Path, args.eval_on):  # scored in the final table only, under the stem of its name
-        if f.stem in files or not f.is_file() or f.stat().st_size % 4:
-            raise ValueError(f"--eval-on {f}: " + ("the name of a split already scored" if f.stem in files else
-                                                   "not a file of uint32 tokens"))
+        why = ("the name of a split already scored" if f.stem in files else "not found" if not f.exists() else
+               "a folder, not a token file" if f.is_dir() else
+               f"{f.stat().st_size:,} bytes: not a file of uint32 tokens" if f.stat().st_size % 4 else None)
+        if why:
+            raise ValueError(f"--eval-on {f}: {why}")
         files[f.stem] = f
     for split, file in files.items():
         n = meta.get(f"{split}_tokens", 0) if split in ("train", "val") else file.stat().st_size // 4
@@ -560,7 +577,8 @@ def finish_save(out):
 
 def hold(out):
     """Hold OUT/lock (an OS lock, released when the process ends, even by kill -9) while this run
-    writes OUT: a second train.py on the same --out is refused, naming the first."""
+    writes OUT: a second train.py on the same --out is refused, naming the first. Released by release()."""
+    made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
     out.mkdir(parents=True, exist_ok=True)
     lock = open(out / "lock", "a+")
     try:
@@ -574,13 +592,26 @@ def hold(out):
     lock.write(f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
                f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
     lock.flush()
-    HELD.append(lock)
+    HELD.append((lock, out, made))
 
 
-HELD = []  # the locks (hold) this process has, each released by the main() that took it
+def release():
+    """Let go of the newest lock; a run refused or stopped before it wrote anything leaves no trace: not
+    the lock file, nor the folders hold made."""
+    lock, out, made = HELD.pop()
+    if [f.name for f in out.iterdir()] == ["lock"]:
+        (out / "lock").unlink()
+        for folder in made:
+            with contextlib.suppress(OSError):  # only an empty one
+                folder.rmdir()
+    lock.close()
+
+
+HELD = []  # (lock, OUT, folders made) of each hold of this process, each released by the main() that took it
 
 
 SAVED = ("state.json", "optimizer.safetensors", "ouroboros.safetensors", "model.safetensors")  # a run's files
+MODEL = ("config.json", "model.safetensors.index.json")  # a Hugging Face checkpoint's (--pretrain writes one)
 
 
 def saved_run(args, run):
@@ -589,12 +620,18 @@ def saved_run(args, run):
     --out point at a model); with it, the options must be the same, and --steps may only grow."""
     out, file = Path(args.out), Path(args.out) / "state.json"
     if not args.resume:
-        found = next((out / f for f in SAVED if (out / f).is_file()), None)
+        found = next((out / f for f in (*SAVED, *MODEL) if (out / f).is_file()), None)
+        if found and not file.is_file():  # --overwrite would delete a model that no run of ours made
+            raise ValueError(f"{found}: {out} holds a model, not a run of train.py; give another --out")
         if found and not args.overwrite:
             raise ValueError(f"{found}: a run is saved in {out}; continue it with --resume (and a larger "
                              "--steps to go further), or give another --out, or --overwrite to start afresh")
         return None
-    state = ob.read_json(file, "no checkpoint to resume: run without --resume")
+    state = saved_state(out)
+    for f in ("optimizer.safetensors", "model.safetensors" if args.pretrain else "ouroboros.safetensors"):
+        if not (out / f).is_file():
+            raise FileNotFoundError(f"{out / f}: not found, so the checkpoint in {out} cannot be resumed (start "
+                                    "afresh with --overwrite)")
     saved = saved_options(state)
     diff = [f"{k}: checkpoint {saved.get(k)!r}, now {v!r}" for k, v in run.items() if saved.get(k) != v]
     if diff:
@@ -603,6 +640,15 @@ def saved_run(args, run):
         raise ValueError(f"{file}: the run is at step {state['step']}, and --steps is {args.steps}: "
                          "give a larger --steps to continue it")
     return state
+
+
+def saved_state(out):
+    """OUT/state.json, or that of OUT/save.tmp when a save was cut short while its files moved in (the
+    next start moves them), or one line: no checkpoint to resume."""
+    file = out / "state.json"
+    if not file.is_file() and (out / "save.tmp" / "state.json").is_file():
+        file = out / "save.tmp" / "state.json"
+    return ob.read_json(file, "no checkpoint to resume: run without --resume")
 
 
 def saved_options(state):
@@ -674,16 +720,15 @@ def wall_s(out):
 
 
 def main(argv=None):
-    args = parse_args(argv)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     held = len(HELD)
     try:
-        return train(args)
+        return train(parse_args(argv))
     except (ValueError, FileNotFoundError) as e:  # ouroboros.py's and ours: one line naming the cause
         sys.exit(f"error: {e}")
     finally:
         while len(HELD) > held:
-            HELD.pop().close()
+            release()
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
         if dist.is_initialized():
