@@ -307,6 +307,17 @@ def svd_basis(delta, rank):
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Vh[:rank].clone(), U[:, :rank] * S[:rank]
 
+def prefix_sums(x, block=64):
+    """x.cumsum(1) for x (B, T, d), as two matmuls instead of a scan over T (a GPU runs a scan over a
+    middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
+    sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
+    B, T, d = x.shape
+    blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
+    n = blocks.size(1)
+    within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
+    before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
+    return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
+
 # ----------------------------------------------------------------------------------------
 # Controller: the hypernetwork that makes each recurrence step input-dependent
 
@@ -428,7 +439,7 @@ class Ouroboros(nn.Module):
             p = h.float().mean(1, keepdim=True)  # (B, 1, d)
         else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
             past = cache.len if cache is not None else 0
-            running = h.float().cumsum(1)  # (B, T, d)
+            running = prefix_sums(h.float())  # (B, T, d)
             if cache is not None:
                 running = running + cache.h_sum
                 cache.h_sum = running[:, -1:]

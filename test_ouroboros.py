@@ -326,6 +326,18 @@ def test_step_norm_gives_each_step_its_own_unit_rms(tiny):
     assert model.step_norms.shape == (64, TINY.hidden_size)
 
 
+@pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
+def test_prefix_sums_are_cumsum_to_float32_round_off(T):
+    """The causal pool's running sums, as blocked triangular matmuls: cumsum's values, to the round-off
+    of float32 sums of T terms (checked against float64), for T below, at and across a block."""
+    x = torch.randn(2, T, 48, dtype=torch.float64) + 3  # a mean far from 0, as hidden states have
+    exact = x.cumsum(1)
+    ours, scan = ob.prefix_sums(x.float()).double(), x.float().cumsum(1).double()
+    bound = 4 * T * torch.finfo(torch.float32).eps * x.abs().cumsum(1)  # |error| of a float32 sum of T terms
+    assert ((ours - exact).abs() <= bound).all() and ((scan - exact).abs() <= bound).all()
+    torch.testing.assert_close(ours, scan, rtol=1e-5, atol=1e-4)
+
+
 @pytest.mark.parametrize("pool, causal", [("causal", True), ("mean", False)])
 def test_controller_causality(tiny, pool, causal):
     """Changing the last token must leave earlier logits alone, unless the Controller
