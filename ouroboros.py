@@ -53,6 +53,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
 # The seven projections of a layer that get a LoRA basis, named as in the checkpoint.
@@ -538,6 +539,11 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, -1), 1)
 
 
+# Attention while decoding: every call has a new key length. cuDNN's kernel builds a plan per
+# length (milliseconds of CPU per call, seen on an H200 with torch 2.11); these do not.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
 @torch.no_grad()
 def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
     """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
@@ -549,7 +555,9 @@ def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
     caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(n_calls)]
     x = idx
     for _ in range(max_new_tokens):
-        x = sample(run(x, caches)[0][:, -1], temperature, top_k)  # (B, 1)
+        with sdpa_kernel(DECODE_ATTENTION):
+            logits = run(x, caches)[0][:, -1]  # (B, vocab)
+        x = sample(logits, temperature, top_k)  # (B, 1)
         yield x
 
 

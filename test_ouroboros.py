@@ -662,6 +662,26 @@ def test_cached_greedy_equals_recomputation(tiny, which, depth):
     assert torch.equal(ob.generate(model, prompt, 12, depth=depth or 4, temperature=0), expected)
 
 
+def test_decoding_never_asks_cudnn_for_attention(tiny, monkeypatch):
+    """cuDNN's attention builds a plan for each new key length: every decoding call runs with it
+    switched off (the flags sdpa_kernel sets are global, so they are seen here on a CPU too), and
+    training keeps torch's own choice."""
+    seen = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(q, *args, **kwargs):
+        seen.append((q.size(2), torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(q, *args, **kwargs)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    model = ob.Ouroboros.from_pretrained(tiny, device="cpu")
+    ob.generate(model, ids(B=1, T=5), 3, depth=2)
+    assert seen and all(not cudnn for _, cudnn in seen) and {T for T, _ in seen} == {5, 1}
+    seen.clear()
+    model(ids(), depth=2)
+    assert all(cudnn for _, cudnn in seen)
+
+
 def test_sampling_stays_within_top_k():
     logits = torch.tensor([[0.0, 3.0, 1.0, 2.9, -1.0]]).repeat(500, 1)
     torch.manual_seed(0)
