@@ -118,8 +118,9 @@ def parse_args(argv=None):
     a("--save-every", type=positive, default=1000)
     a("--device", help="default: cuda if there is one, else cpu")
     a("--dtype", choices=["float32", "bfloat16"], help="frozen weights: default bf16 on CUDA, float32 on CPU")
-    a("--compile", action="store_true", help="torch.compile the model: faster steps on a GPU; on a CPU the "
-      "compilation takes minutes and pays off only in long runs")
+    a("--compile", action=argparse.BooleanOptionalAction, help="torch.compile the model (default: on with "
+      "CUDA, as in nanoGPT; --no-compile: eager). On a CPU the compilation takes minutes and pays off only in "
+      "long runs")
     a("--checkpointing", action="store_true", help="recompute each loop step in backward (deep loops)")
     a("--seed", type=int, default=1337, help="trainables' initialisation and data order")
     a("--resume", action="store_true", help="continue the run saved in --out")
@@ -285,10 +286,11 @@ def train(args):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     model, opt, splits, run, start, tokens_per_step = setup(args, log, device, world, rank)
     out, params = Path(args.out), [p for _, p in trainables(model)]
-    if args.compile:
+    compiled = device.type == "cuda" if args.compile is None else args.compile  # by default where it pays
+    if compiled:
         log("--compile: the first steps compile the model" + (" (on a CPU: minutes, paid back only in long runs)"
                                                               if device.type == "cpu" else ""))
-    forward = torch.compile(model) if args.compile else model
+    forward = torch.compile(model) if compiled else model
     autocast = torch.autocast(device.type, torch.bfloat16, enabled=args.pretrain and device.type == "cuda")
 
     def loss_of(x, depth, y):  # Ouroboros autocasts inside; a pretrained Qwen2 computes in bf16 on CUDA
