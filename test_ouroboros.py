@@ -1556,6 +1556,8 @@ def test_compile_says_what_it_costs_on_a_cpu(tmp_path, demo, monkeypatch, capsys
     out = capsys.readouterr().out
     assert "--compile: the first steps compile the model (on a CPU: minutes, paid back only in long runs)" in out
     assert out.index("--compile:") < out.index("step 1/1")
+    train.main(run_args(demo, tmp_path / "default", "--steps", "1", "--warmup", "0"))  # on a CPU: eager by default
+    assert "--compile" not in capsys.readouterr().out
 
 
 def test_resume_refuses_a_checkpoint_with_a_file_missing_before_loading(tmp_path, demo, monkeypatch):
