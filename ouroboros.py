@@ -124,19 +124,20 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope(cfg, start, T, device):
-    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), in float32 whatever the weights."""
+def rope(cfg, start, T, device, dtype=torch.float32):
+    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), computed in float32 whatever the
+    weights, then given in the activations' dtype (cast once here, not at every attention call)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
     angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hd/2)
     angles = torch.cat([angles, angles], -1)  # (T, hd): dimension i pairs with i + hd/2
-    return angles.cos(), angles.sin()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def apply_rope(x, cos, sin):
     """Rotate each pair (x_i, x_{i+hd/2}) of x (B, n_head, T, hd) by its angle."""
     x1, x2 = x.chunk(2, -1)  # (B, n_head, T, hd/2) each
-    return x * cos.to(x.dtype) + torch.cat([-x2, x1], -1) * sin.to(x.dtype)
+    return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
 class Linear(nn.Linear):
@@ -263,7 +264,8 @@ class Qwen2(nn.Module):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
         check_idx(idx)
         start = caches[0].len if caches else 0
-        return self.model.embed_tokens(idx), rope(self.cfg, start, idx.size(1), idx.device)
+        h = self.model.embed_tokens(idx)  # (B, T, d)
+        return h, rope(self.cfg, start, idx.size(1), idx.device, h.dtype)
 
     def head(self, h, targets=None, return_logits=True):
         """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100.

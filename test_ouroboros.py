@@ -662,6 +662,32 @@ def test_cached_greedy_equals_recomputation(tiny, which, depth):
     assert torch.equal(ob.generate(model, prompt, 12, depth=depth or 4, temperature=0), expected)
 
 
+def test_each_trainable_is_cast_once_per_forward_and_backward(tiny):
+    """bf16 frozen weights, float32 trainables: every trainable is cast to bf16 once per forward pass,
+    whatever the depth (autocast's cache), not at each loop step; the rotary table once, not per layer."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    model = ob.Ouroboros.from_pretrained(tiny, device="cpu", dtype=torch.bfloat16)
+    casts = []
+
+    class Casts(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._to_copy.default and (kwargs or {}).get("dtype") == torch.bfloat16:
+                casts.append(args[0])
+            return func(*args, **(kwargs or {}))
+
+    idx = ids()
+    with Casts():
+        model(idx, 6, idx.roll(-1, 1), return_logits=False)[1].backward()
+    for name, p in model.named_trainable():  # elements cast from its storage: each at most once
+        start, end = p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()
+        cast = sum(c.numel() for c in casts if c.dtype == torch.float32 and start <= c.data_ptr() < end)
+        assert cast <= p.numel(), (name, cast, p.numel())
+        if name in ("gate.weight", "controller.w1.weight", "controller.heads.weight"):  # used at every step
+            assert cast == p.numel(), (name, cast)
+    rotary = [c for c in casts if c.shape == (idx.size(1), TINY.head_dim)]
+    assert len(rotary) == 2  # cos and sin
+
+
 def test_decoding_never_asks_cudnn_for_attention(tiny, monkeypatch):
     """cuDNN's attention builds a plan for each new key length: every decoding call runs with it
     switched off (the flags sdpa_kernel sets are global, so they are seen here on a CPU too), and
@@ -2080,7 +2106,7 @@ def test_cuda_flash_attention_serves_grouped_query_heads():
     attn = ob.Attention(TINY).cuda().bfloat16()
     x = torch.randn(2, 16, TINY.hidden_size, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot take this call
-        attn(x, ob.rope(TINY, 0, 16, "cuda"))
+        attn(x, ob.rope(TINY, 0, 16, "cuda", torch.bfloat16))
 
 def test_ci_runs_the_readme_commands():
     """.ci/run installs into an empty venv with the README's own lines and runs its test command: every
