@@ -315,6 +315,9 @@ def prefix_sums(x, block=64):
     middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
     sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
     B, T, d = x.shape
+    if T == 1:  # decoding: one position is its own prefix
+        return x
+    block = min(block, T)
     blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
     n = blocks.size(1)
     within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
