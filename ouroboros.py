@@ -124,12 +124,12 @@ class RMSNorm(nn.Module):
         return rms_norm(x, self.weight, self.eps)
 
 
-def rope(cfg, start, T, device, dtype=torch.float32):
-    """cos and sin of the rotary angles (start + t) · θ^(-2i/hd), computed in float32 whatever the
-    weights, then given in the activations' dtype (cast once here, not at every attention call)."""
+def rope(cfg, pos, dtype=torch.float32):
+    """cos and sin of the rotary angles pos · θ^(-2i/hd) of positions pos (T,), computed in float32
+    whatever the weights, then given in the activations' dtype (cast once here, not at every call)."""
     hd = cfg.head_dim
-    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=device).float() / hd)  # (hd/2,)
-    angles = torch.outer(torch.arange(start, start + T, device=device).float(), inv_freq)  # (T, hd/2)
+    inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=pos.device).float() / hd)  # (hd/2,)
+    angles = torch.outer(pos.float(), inv_freq)  # (T, hd/2)
     angles = torch.cat([angles, angles], -1)  # (T, hd): dimension i pairs with i + hd/2
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -173,20 +173,20 @@ class Attention(nn.Module):
     def forward(self, x, cos_sin, cache=None, c=None):
         B, T, _ = x.shape
         q = self.q_proj(x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
-        k, v = self.keys_values(x, cos_sin, cache, c)  # (B, n_kv, past + T, hd) each
-        # Causal when the queries are the whole sequence; a lone new query (decode) sees all
-        # keys. enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
-        y = F.scaled_dot_product_attention(apply_rope(q, *cos_sin), k, v, is_causal=T > 1,
+        k, v, mask = self.keys_values(x, cos_sin, cache, c)  # (B, n_kv, keys, hd) each
+        # Causal over the sequence (training, the prompt); a decoded token attends to the keys the
+        # cache holds (mask). enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
+        y = F.scaled_dot_product_attention(apply_rope(q, *cos_sin), k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)  # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
 
     def keys_values(self, x, cos_sin, cache=None, c=None):
-        """K (rotated) and V of x, appended to the cache if there is one."""
+        """K (rotated) and V of x, and no mask; with a cache, what KVCache.update gives."""
         B, T, _ = x.shape
         k = self.k_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         v = self.v_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         k = apply_rope(k, *cos_sin)
-        return cache.update(k, v) if cache is not None else (k, v)
+        return cache.update(k, v) if cache is not None else (k, v, None)
 
 
 class MLP(nn.Module):
@@ -263,9 +263,10 @@ class Qwen2(nn.Module):
     def embed(self, idx, caches=None):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
         check_idx(idx)
-        start = caches[0].len if caches else 0
+        T = idx.size(1)
+        pos = caches[0].positions(T, idx.device) if caches else torch.arange(T, device=idx.device)  # (T,)
         h = self.model.embed_tokens(idx)  # (B, T, d)
-        return h, rope(self.cfg, start, idx.size(1), idx.device, h.dtype)
+        return h, rope(self.cfg, pos, h.dtype)
 
     def head(self, h, targets=None, return_logits=True):
         """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100.
@@ -443,13 +444,16 @@ class Ouroboros(nn.Module):
             return self.scale * self.controller(None, s)
         if self.pool == "mean":  # the paper's: every position sees the whole sequence
             p = h.float().mean(1, keepdim=True)  # (B, 1, d)
-        else:  # causal: p_τ = mean(h_0 .. h_τ), carried across calls by the cache
-            past = cache.len if cache is not None else 0
+        else:  # causal: p_τ = mean(h_0 .. h_τ); while decoding, the cache holds the sum so far
             running = prefix_sums(h.float())  # (B, T, d)
-            if cache is not None:
+            count = torch.arange(1, h.size(1) + 1, device=h.device)  # τ + 1, (T,)
+            if cache is not None and cache.h_sum is not None:  # a decoded token: the sum before it, and it
                 running = running + cache.h_sum
-                cache.h_sum = running[:, -1:]
-            p = running / torch.arange(past + 1, past + h.size(1) + 1, device=h.device)[:, None]
+                cache.h_sum.copy_(running)
+                count = cache.positions(1, h.device) + 1
+            elif cache is not None:  # the prompt starts the running sum
+                cache.h_sum = running[:, -1:].clone()
+            p = running / count[:, None]
         return self.scale * self.controller(p, s)
 
     def step(self, h, s, cos_sin, cache=None):
@@ -514,23 +518,37 @@ class Ouroboros(nn.Module):
 
 
 class KVCache:
-    """Keys and values of one attention call, preallocated for max_len positions. The
-    looped layer gets one per recurrence step (each step attends to its own past), and
-    there the causal Controller's running sum of h rides along (h_sum)."""
+    """Keys and values of one attention call, allocated for max_len positions by the prompt (the
+    prefill), then filled one decoded token at a time. The looped layer gets one per recurrence step
+    (each step attends to its own past), and there the causal Controller's running sum of h rides
+    along (h_sum). After the prefill nothing changes shape and every update is in place, the count
+    of positions too (a tensor): a compiled decoding step is one graph for every token."""
 
     def __init__(self, max_len):
-        self.max_len, self.len, self.k, self.v, self.h_sum = max_len, 0, None, None, 0.0
+        self.max_len, self.k, self.v, self.h_sum, self.filled = max_len, None, None, None, None
 
-    def update(self, k, v):  # k, v: (B, n_kv, T, hd) of the new positions
+    def positions(self, T, device):
+        """The positions (T,) of the next T tokens: the prompt's 0..T-1, then one at a time."""
+        return torch.arange(T, device=device) + (0 if self.filled is None else self.filled)
+
+    def update(self, k, v):
+        """k, v (B, n_kv, T, hd) of the new tokens written in; returns the keys, values and mask to attend to."""
         B, n_kv, T, hd = k.shape
-        if (T > 1 and self.len) or self.len + T > self.max_len:
-            raise ValueError(f"KV cache: {T} new positions after {self.len} (room for {self.max_len}); "
-                             "prefill an empty cache, then add one position at a time")
-        if self.k is None:
-            self.k, self.v = k.new_empty(B, n_kv, self.max_len, hd), v.new_empty(B, n_kv, self.max_len, hd)
-        self.k[:, :, self.len:self.len + T], self.v[:, :, self.len:self.len + T] = k, v
-        self.len += T
-        return self.k[:, :, :self.len], self.v[:, :, :self.len]  # (B, n_kv, len, hd)
+        if self.k is None:  # the prompt: it attends to itself, causally (no mask)
+            if T > self.max_len:
+                raise ValueError(f"KV cache: a prompt of {T} positions, room for {self.max_len}")
+            self.k, self.v = k.new_zeros(B, n_kv, self.max_len, hd), v.new_zeros(B, n_kv, self.max_len, hd)
+            self.k[:, :, :T], self.v[:, :, :T] = k, v
+            self.filled = torch.tensor(T, device=k.device)
+            return k, v, None
+        if T != 1:
+            raise ValueError(f"KV cache: {T} new positions after the prompt; decode one position at a time")
+        pos = self.filled.view(1)  # (1,), a view: it counts on with filled
+        self.k.index_copy_(2, pos, k)
+        self.v.index_copy_(2, pos, v)
+        written = torch.arange(self.max_len, device=k.device)[None] <= pos[:, None]  # (1, max_len): keys so far
+        self.filled += 1
+        return self.k, self.v, written
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -549,26 +567,32 @@ def sample(logits, temperature=1.0, top_k=None):
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
+def next_logits(model, x, caches, depth):
+    """Logits (B, vocab) of the token after x (B, T), the caches holding every position before x."""
+    logits, _ = model(x, depth, caches=caches) if isinstance(model, Ouroboros) else model(x, caches=caches)
+    return logits[:, -1]
+
+
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
-    """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill."""
+def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, compile=False):
+    """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill.
+    compile=True: the decoding step is compiled once the prefill has filled the caches (Part 2)."""
     check_prompt(model, idx, max_new_tokens, temperature, top_k)
-    if isinstance(model, Ouroboros):
-        n_calls, run = len(model.prelude) + depth + len(model.coda), lambda x, kv: model(x, depth, caches=kv)
-    else:
-        n_calls, run = len(model.model.layers), lambda x, kv: model(x, caches=kv)
-    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(n_calls)]
-    x = idx
-    for _ in range(max_new_tokens):
+    calls = len(model.prelude) + depth + len(model.coda) if isinstance(model, Ouroboros) else len(model.model.layers)
+    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(calls)]  # one per attention call
+    x, step = idx, next_logits
+    for i in range(max_new_tokens):
         with sdpa_kernel(DECODE_ATTENTION):
-            logits = run(x, caches)[0][:, -1]  # (B, vocab)
+            logits = step(model, x, caches, depth)  # (B, vocab)
         x = sample(logits, temperature, top_k)  # (B, 1)
+        if compile and i == 0:
+            step = compiled_decoding(caches)
         yield x
 
 
-def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None):
+def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, compile=False):
     """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
-    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k)], 1)
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k, compile)], 1)
 
 
 # ========================================================================================
@@ -681,6 +705,21 @@ def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
+
+# ----------------------------------------------------------------------------------------
+# Compiled decoding (gpt-fast's recipe): static caches, one graph, CUDA graphs on a GPU
+
+
+def compiled_decoding(caches):
+    """next_logits compiled for one decoded token. After the prefill the caches keep their shapes and
+    are updated in place (KVCache), so a single graph serves every token; their tensors are marked as
+    fixed in memory, so that on a GPU the graph is captured once as a CUDA graph and replayed
+    ("reduce-overhead"), one launch instead of hundreds per token."""
+    for cache in caches:
+        for t in (cache.k, cache.v, cache.h_sum, cache.filled):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
+    return torch.compile(next_logits, mode="reduce-overhead" if caches[0].k.is_cuda else None, dynamic=False)
 
 # ----------------------------------------------------------------------------------------
 # A control for the static ablation
@@ -1183,6 +1222,8 @@ def main(argv=None):
     ap.add_argument("--device", default=None)
     ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compile", action="store_true", help="compile the decoding step (CUDA graphs on a GPU); "
+                    "the first tokens wait for the compiler")
     args = ap.parse_args(argv)
     torch.manual_seed(args.seed)
     try:
@@ -1216,7 +1257,7 @@ def main(argv=None):
         device = next(model.parameters()).device
         idx = torch.tensor([prompt], dtype=torch.long, device=device)
         new, t_first, steps = [], None, []
-        for x in stream(model, idx, args.max_new_tokens, args.depth, args.temperature, args.top_k):
+        for x in stream(model, idx, args.max_new_tokens, args.depth, args.temperature, args.top_k, args.compile):
             new.append(x.item())  # .item() waits for the device, so the clock is honest
             t_first = t_first or time.perf_counter()
             if getattr(model, "halt", None) is not None:  # adaptive depth: the steps this token took

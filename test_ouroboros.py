@@ -311,7 +311,7 @@ def test_gate_keeps_88_percent_at_init(tiny):
     """b_g = -2, W_g = 0: g = σ(-2) = 1 / (1 + e²) = 0.1192, so h ← 0.1192 h_new + 0.8808 h."""
     model = ob.Ouroboros.from_pretrained(tiny, device="cpu")
     h = torch.randn(2, 5, TINY.hidden_size)
-    cos_sin = ob.rope(TINY, 0, 5, "cpu")
+    cos_sin = ob.rope(TINY, torch.arange(5))
     h_new = ob.rms_norm(model.layer(h, cos_sin), torch.ones(TINY.hidden_size), TINY.rms_norm_eps)
     keep = 1 - 1 / (1 + math.e ** 2)
     assert keep == pytest.approx(0.8808, abs=1e-4)
@@ -321,7 +321,7 @@ def test_gate_keeps_88_percent_at_init(tiny):
 def test_step_norm_gives_each_step_its_own_unit_rms(tiny):
     model = ob.Ouroboros.from_pretrained(tiny, gate=False, device="cpu")
     h = torch.randn(2, 5, TINY.hidden_size) * 7
-    out = model.step(h, 0, ob.rope(TINY, 0, 5, "cpu"))
+    out = model.step(h, 0, ob.rope(TINY, torch.arange(5)))
     torch.testing.assert_close(out.pow(2).mean(-1), torch.ones(2, 5), atol=1e-4, rtol=0)
     assert model.step_norms.shape == (64, TINY.hidden_size)
 
@@ -558,7 +558,8 @@ BAD_CHECKPOINTS = {
     "negative eps": (config_edit(rms_norm_eps=-1e-6), "key 'rms_norm_eps' is -1e-06: must be a number above 0"),
     "a number too large for a float": (config_edit(rope_theta=10 ** 400),
                                        "key 'rope_theta' is 1000.*: must be a number"),
-    "null for a required key": (config_edit(hidden_size=None), "key 'hidden_size' is null: must be an integer above 0$"),
+    "null for a required key": (config_edit(hidden_size=None),
+                                "key 'hidden_size' is null: must be an integer above 0$"),
     "null theta": (config_edit(rope_theta=None), r"key 'rope_theta' is null: must be a number above 0 \(leave the key "
                    r"out for the default 10000.0\)"),
     "null eps": (config_edit(rms_norm_eps=None), "key 'rms_norm_eps' is null: must be a number above 0 "),
@@ -930,6 +931,28 @@ def test_cached_greedy_with_halting_equals_recomputation(tiny, B, monkeypatch):
     monkeypatch.setattr(ob.Halting, "skip", staticmethod(lambda *a: (skipped.append(1), original(*a))))
     assert torch.equal(ob.generate(model, prompt, 12, depth=6, top_k=1), expected)
     assert skipped  # the K/V-only path ran and agreed
+
+
+@pytest.mark.parametrize("which", ["qwen2", "dynamic", "static", "halting"])
+def test_compiled_decoding_equals_eager_decoding_in_one_graph(tiny, which, monkeypatch):
+    """generate(compile=True): after the prefill, each token runs a compiled step. The caches keep their
+    shapes and positions are tensors, so dynamo traces one graph for every token: no recompilation and
+    no graph break (halting excepted: its "have all rows halted?" is a host decision). The tokens are
+    the eager ones. Dynamo's "eager" backend here (inductor's C++ build would take minutes on a CPU):
+    what is tested is the tracing, which the GPU's CUDA graphs need too."""
+    import functools
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = (ob.Qwen2.from_pretrained(tiny, device="cpu") if which == "qwen2" else halting_model(tiny, -0.3)
+             if which == "halting" else randomize_trainables(ob.Ouroboros.from_pretrained(
+                 tiny, controller=which, device="cpu")))
+    prompt = ids(B=2, T=7)
+    eager = ob.generate(model, prompt, 10, depth=3, top_k=1)
+    torch._dynamo.reset()
+    counters.clear()
+    assert torch.equal(ob.generate(model, prompt, 10, depth=3, top_k=1, compile=True), eager)
+    if which != "halting":
+        assert counters["stats"]["unique_graphs"] == 1 and not counters["graph_break"], dict(counters)
 
 
 def test_forward_flops_is_what_a_decoded_token_that_halts_costs(tiny):
@@ -1371,7 +1394,7 @@ def test_flops_per_token_matches_torch_flop_counter(demo):
     with FlopCounterMode(display=False) as steps, torch.no_grad():
         h = torch.randn(2, 32, cfg.hidden_size)
         for s in range(3):
-            h = model.step(h, s, ob.rope(cfg, 0, 32, "cpu"))
+            h = model.step(h, s, ob.rope(cfg, torch.arange(32)))
     for checkpointing in (False, True):
         model.checkpointing = checkpointing
         with FlopCounterMode(display=False) as counter:
@@ -2106,7 +2129,7 @@ def test_cuda_flash_attention_serves_grouped_query_heads():
     attn = ob.Attention(TINY).cuda().bfloat16()
     x = torch.randn(2, 16, TINY.hidden_size, device="cuda", dtype=torch.bfloat16)
     with sdpa_kernel(SDPBackend.FLASH_ATTENTION):  # raises if flash cannot take this call
-        attn(x, ob.rope(TINY, 0, 16, "cuda", torch.bfloat16))
+        attn(x, ob.rope(TINY, torch.arange(16, device="cuda"), torch.bfloat16))
 
 def test_ci_runs_the_readme_commands():
     """.ci/run installs into an empty venv with the README's own lines and runs its test command: every
