@@ -1001,9 +1001,12 @@ def read_json(file, hint):
     if not Path(file).is_file():
         raise FileNotFoundError(f"{file}: not found ({hint})")
     try:
-        return json.loads(Path(file).read_text())
-    except json.JSONDecodeError as e:
+        raw = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file}: not a JSON object (it is a {type(raw).__name__})")
+    return raw
 
 
 def read_tokenizer(path):
@@ -1051,6 +1054,8 @@ def read_trainable_options(file, with_config=False):
         saved, config = json.loads(meta["ouroboros"]), json.loads(meta.get("config", "{}"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}: its metadata is not valid JSON ({e})") from None
+    if not (isinstance(saved, dict) and isinstance(config, dict)):
+        raise ValueError(f"{file}: its metadata is not a JSON object")
     # An option added since the file was saved had its default value then.
     defaults = {k: p.default for k, p in inspect.signature(Ouroboros).parameters.items() if k != "cfg"}
     for k, v in saved.items():
@@ -1059,6 +1064,8 @@ def read_trainable_options(file, with_config=False):
         kind = int if defaults[k] is None else type(defaults[k])  # None: a layer number, or the default
         if not (is_a(v, kind) or (defaults[k] is None and v is None)):
             raise ValueError(f"{file}: option {k!r} is {v!r} in its metadata: must be {KINDS[kind]}")
+        if k in ("rank", "alpha", "max_steps", "controller_width") and not v > 0:
+            raise ValueError(f"{file}: option {k!r} is {v!r} in its metadata: must be above 0")
     options = {**defaults, **saved}
     return (options, config) if with_config else options
 
@@ -1072,6 +1079,12 @@ def check_trainable(file, options, cfg):
              if config.get(k) != v]
     if diff:
         raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
+    shapes = {n: tuple(p.shape) for n, p in Ouroboros.from_config(cfg, "meta", **options).named_trainable()}
+    with safe_open(file, framework="pt", device="cpu") as f:
+        saved = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    diff = [f"{n}: file {saved.get(n, 'missing')}, model {s}" for n, s in shapes.items() if saved.get(n) != s]
+    if diff:  # metadata that does not describe the tensors
+        raise ValueError(f"{file}: its tensors are not those of its options ({'; '.join(diff[:2])})")
 
 # ----------------------------------------------------------------------------------------
 # Input checks: one line naming the file, key or value, before any expensive work
@@ -1079,6 +1092,9 @@ def check_trainable(file, options, cfg):
 
 def config_from_dict(cls, raw, source):
     """Qwen2Config.from_dict: refuse what this file does not implement, in one line."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{source}: not a JSON object")
+
     def refuse(what):
         raise ValueError(f"{source}: {what} is not supported (supported: model_type 'qwen2' "
                          "with SiLU, full attention in every layer and unscaled RoPE)")
@@ -1228,6 +1244,8 @@ def main(argv=None):
     torch.manual_seed(args.seed)
     try:
         # Everything that can be checked is checked before the weights load (minutes for 3B).
+        if args.trained == "":
+            raise ValueError("--trained is empty: give the file train.py saved (OUT/ouroboros.safetensors)")
         if args.trained and (args.full or args.baseline):
             raise ValueError(f"--trained with --{'full' if args.full else 'baseline'}: that model "
                              "has no trainables to load (drop one of the two)")

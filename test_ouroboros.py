@@ -801,6 +801,11 @@ BAD_GENERATIONS = {
     "trained with baseline": (["--trained", "{trained}", "--baseline"], "--trained with --baseline"),
     "trained not found": (["--trained", "{tmp}/none.safetensors"], "none.safetensors: not found"),
     "trained is a folder": (["--trained", "{tmp}"], "{tmp}: a folder: give the file (OUT/ouroboros.safetensors)"),
+    "trained is empty": (["--trained", ""], "--trained is empty: give the file train.py saved"),
+    "metadata not its tensors": (["--trained", "{tmp}/rank8.safetensors"], "its tensors are not those of its "
+                                 "options (controller.heads.weight: file (28, 128), model (56, 128)"),
+    "a width of 0": (["--trained", "{tmp}/width0.safetensors"], "option 'controller_width' is 0 in its metadata: "
+                     "must be above 0"),
     "trained is not ours": (["--trained", "{tiny}/model-00001-of-00002.safetensors"],
                             "not an Ouroboros trainable file"),
     "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
@@ -824,6 +829,12 @@ def test_command_line_refuses_bad_input_before_loading_weights(tiny, trained, ot
 
     def fill(text):
         return text.format(tiny=tiny, trained=trained, other=other_trained, tmp=tmp_path)
+
+    with safe_open(trained, framework="pt", device="cpu") as f:  # rank-4 tensors under edited metadata
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    for name, change in (("rank8", dict(rank=8)), ("width0", dict(controller_width=0))):
+        save_file(tensors, tmp_path / f"{name}.safetensors",
+                  metadata={**meta, "ouroboros": json.dumps({**json.loads(meta["ouroboros"]), **change})})
     with pytest.raises(SystemExit) as e:
         ob.main(["--model", str(tiny), "--prompt", "hi", *map(fill, args)])
     line = str(e.value.code)
@@ -1270,6 +1281,9 @@ def test_prepare_never_replaces_what_is_in_out_unless_told(tmp_path, demo):
                   "--val-fraction", "0.5"])
     assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["train_documents"] == 3
+    (tmp_path / "out" / "state.json").write_text("{}")  # a run someone saved in the data folder
+    with pytest.raises(ValueError, match="out: holds state.json besides the data, which --overwrite would delete"):
+        prepare.prepare([tmp_path / "a"], demo[0], tmp_path / "out", 0.5, log=quiet, overwrite=True)
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"mine: holds files not made by data/prepare.py \(no meta.json\)"):
@@ -1609,12 +1623,26 @@ def test_compile_says_what_it_costs_on_a_cpu(tmp_path, demo, monkeypatch, capsys
     assert "--compile" not in capsys.readouterr().out
 
 
-def test_resume_refuses_a_checkpoint_with_a_file_missing_before_loading(tmp_path, demo, monkeypatch):
+def damage_state(out, **changes):
+    state = json.loads((out / "state.json").read_text())
+    (out / "state.json").write_text(json.dumps({**state, **changes, "args": {**state["args"], **changes.get("args", {})}}))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda out: (out / "optimizer.safetensors").unlink(), "{out}/optimizer.safetensors: not found, so the "
+     "checkpoint in {out} cannot be resumed (start afresh with --overwrite)"),
+    (lambda out: damage_state(out, step=None), "{out}/state.json: step is None: not what train.py saves"),
+    (lambda out: damage_state(out, options=[]), "{out}/state.json: options is []: not what train.py saves"),
+    (lambda out: damage_state(out, args=dict(batch_size=0)), "--batch-size 0 must be a positive integer"),
+    (lambda out: damage_state(out, args=dict(seed=-1)), "--seed -1 must be an integer in 0..2**63-1"),
+])
+def test_resume_refuses_a_damaged_checkpoint_before_loading(tmp_path, demo, monkeypatch, damage, message):
+    """A file missing, or state.json values that train.py never writes (its own options are checked as the
+    command line's are): one line, before the model loads."""
     train.main(run_args(demo, tmp_path, "--steps", "2"))
-    (tmp_path / "optimizer.safetensors").unlink()
+    damage(tmp_path)
     monkeypatch.setattr(ob.Ouroboros, "from_pretrained", lambda *a, **k: pytest.fail("loaded before the check"))
-    assert (f"{tmp_path}/optimizer.safetensors: not found, so the checkpoint in {tmp_path} cannot be resumed "
-            "(start afresh with --overwrite)") in error_line(run_args(demo, tmp_path, "--steps", "4", "--resume"))
+    assert message.format(out=tmp_path) in error_line(["--out", str(tmp_path), "--steps", "4", "--resume"])
 
 
 def test_a_run_saved_before_an_option_existed_resumes_and_its_trainables_load(tmp_path, demo):
@@ -1754,6 +1782,17 @@ BAD_RUNS = {
     "eval-on not found": (["--eval-on", "nowhere"], None, "--eval-on {tmp}/nowhere: not found"),
     "eval-on a folder": (["--eval-on", "data"], None, "--eval-on {tmp}/data: a folder, not a token file"),
     "eval-on not tokens": (["--eval-on", "data/meta.json"], None, "meta.json: {size} bytes: not a file of uint32"),
+    "out inside data": (["--out", "data/run"], None, "--out {tmp}/data/run: inside --data {tmp}/data (data/prepare.py "
+                        "--overwrite would delete it)"),
+    "empty out": (["--out", ""], None, "--out is empty: give a folder"),
+    "negative seed": (["--seed", "-1"], None, "--seed -1 must be an integer in 0..2**63-1"),
+    "negative peak": (["--peak-flops", "-5"], None, "--peak-flops -5.0 must be > 0 and finite"),
+    "demo with a model": (["--demo"], None, "--demo makes its own model and data (in --out): drop --model and --data"),
+    "meta null": ([], lambda m, d: edit_meta(d, vocab_size=None), "meta.json: vocab_size is None, not a count"),
+    "meta a list": ([], lambda m, d: (d / "meta.json").write_text("[1]"), "meta.json: not a JSON object (it is a "
+                    "list)"),
+    "config a list": ([], lambda m, d: (m / "config.json").write_text("[{}]"), "config.json: not a JSON object"),
+    "config not UTF-8": ([], lambda m, d: (m / "config.json").write_bytes(b"\xff{}"), "config.json: not valid JSON"),
 }
 
 
@@ -1767,7 +1806,7 @@ def test_bad_input_is_one_line_error(tmp_path, demo, case):
             (dst / f.name).write_bytes(f.read_bytes())
     if setup:
         setup(model, data)
-    extra = [str(tmp_path / a) if a in ("nowhere", "data", "data/meta.json") else a for a in extra]
+    extra = [str(tmp_path / a) if a in ("nowhere", "data", "data/meta.json", "data/run") else a for a in extra]
     expected = expected.format(tmp=tmp_path, size=f"{(data / 'meta.json').stat().st_size:,}")
     assert expected in error_line(run_args((model, data), tmp_path / "out", *extra)), case
     assert not (tmp_path / "out" / "metrics.jsonl").exists()  # refused before the run began
@@ -1983,6 +2022,22 @@ def test_the_study_never_takes_or_replaces_what_another_budget_made(tmp_path, ma
     assert (HERE / "experiments" / "results" / "miniature.json").read_bytes() == committed
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--work", "{tmp}/afile"], "error: --work {tmp}/afile: {tmp}/afile is a file, not a folder"),
+    (["--results", "{tmp}/afile"], "error: --results {tmp}/afile: {tmp}/afile is a file, not a folder"),
+    (["--corpus", "{tmp}/empty"], "error: no .txt, .md, .rst, .py, .jsonl, .parquet file in {tmp}/empty"),
+])
+def test_the_study_refuses_a_file_for_a_folder_and_claims_nothing_it_did_not_make(tmp_path, argv, message):
+    """One line; and a work folder whose data stage failed is left unclaimed (no recipe.json), so that the
+    same command with a good corpus runs there."""
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit) as e:
+        miniature.main(["--quick", "--work", str(tmp_path / "work"), *(a.format(tmp=tmp_path) for a in argv)])
+    assert str(e.value.code).startswith(message.format(tmp=tmp_path)), e.value.code
+    assert not (tmp_path / "work" / "recipe.json").exists()
+
+
 def test_two_runs_on_one_work_folder_take_turns(tmp_path, monkeypatch):
     """Two demos (or studies) started at once: the second waits for the first's data and base, then finds
     them made; it never reads the first's half-made files."""
@@ -2192,6 +2247,41 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
 
 # ----------------------------------------------------------------------------------------
 # The side-by-side benchmark's profile (experiments/benchmark.py --profile)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--against", "HEAD", "--rounds", "0"], "error: --rounds 0: must be at least 1"),
+    (["--against", "HEAD", "--dtypes", "float64"], "error: --dtypes float64: 'float64' is not bfloat16 or float32"),
+    (["--profile", "--model", "nowhere"], "nowhere/config.json: not found"),
+    (["--profile", "--depth", "0"], "error: --depth 0: must be in 1..64"),
+    (["--against", "HEAD", "--checkpoint", "{tmp}/notes"], "error: --checkpoint {tmp}/notes: neither a checkpoint"),
+])
+def test_benchmark_refuses_bad_options_before_any_work(tmp_path, monkeypatch, argv, message):
+    from experiments import benchmark
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "mine.txt").write_text("mine")
+    monkeypatch.setattr(benchmark, "worktree", lambda *a: pytest.fail("a worktree before the check"))
+    with pytest.raises(SystemExit) as e:
+        benchmark.main([a.format(tmp=tmp_path) for a in argv])
+    assert str(e.value.code).startswith("error: ") and message.format(tmp=tmp_path) in str(e.value.code)
+    assert [f.name for f in (tmp_path / "notes").iterdir()] == ["mine.txt"]
+
+
+def test_benchmark_reads_a_sharded_checkpoint_and_never_writes_into_it(tiny, tmp_path, monkeypatch):
+    """--checkpoint on a model folder without a model.safetensors (sharded): used as it is."""
+    from experiments import benchmark
+    shutil.copytree(tiny, tmp_path / "model")
+    before = {f.name: f.read_bytes() for f in (tmp_path / "model").iterdir()}
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args):
+        raise Stop
+    monkeypatch.setattr(benchmark, "worktree", stop)
+    with pytest.raises(Stop):
+        benchmark.main(["--against", "HEAD", "--checkpoint", str(tmp_path / "model")])
+    assert {f.name: f.read_bytes() for f in (tmp_path / "model").iterdir()} == before
 
 
 def test_benchmark_profile_counts_the_step_it_takes(tiny, capsys):

@@ -471,8 +471,22 @@ def check_flags(args):
             raise ValueError(f"--{a} and --{b.replace('_', '-')} do not go together")
 
 
+POSITIVE = ("rank", "controller_width", "steps", "batch_size", "grad_accum", "seq_len", "eval_every", "eval_batches",
+            "final_tokens", "save_every")  # integers of at least 1, given or read from a saved run's state.json
+
+
 def check_options(args):
     check_flags(args)
+    for flag in POSITIVE:
+        value = getattr(args, flag)
+        if type(value) is not int or value < 1:
+            raise ValueError(f"--{flag.replace('_', '-')} {value!r} must be a positive integer")
+    if type(args.seed) is not int or not 0 <= args.seed < 2 ** 63:
+        raise ValueError(f"--seed {args.seed!r} must be an integer in 0..2**63-1")
+    if args.peak_flops is not None and not 0 < args.peak_flops < math.inf:
+        raise ValueError(f"--peak-flops {args.peak_flops} must be > 0 and finite, e.g. 989e12")
+    if args.demo and (args.model, args.data) != (parse_args([]).model, parse_args([]).data):
+        raise ValueError("--demo makes its own model and data (in --out): drop --model and --data")
     if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
         raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
                          "are Ouroboros options")
@@ -490,6 +504,10 @@ def check_options(args):
         if not ok:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
     prepare.check_out(args.out, "--out")
+    out, data = Path(args.out).resolve(), Path(args.data).resolve()
+    if not args.benchmark and out.is_relative_to(data):
+        raise ValueError(f"--out {args.out}: inside --data {args.data} (data/prepare.py --overwrite would delete it); "
+                         "give another --out")
 
 
 def check_model(args):
@@ -509,11 +527,15 @@ def load_data(args, cfg, rank, world):
     data = Path(args.data)
     meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
                         f"--out {data}; see the README's Data section")
+    for key in ("vocab_size", "train_tokens", "val_tokens"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            raise ValueError(f"{data}/meta.json: {key} is {meta.get(key, 'missing')!r}, not a count (prepare the "
+                             "data again)")
     sha = prepare.load_tokenizer(args.model)[2]
     if meta.get("tokenizer_sha256") != sha:
         raise ValueError(f"{data}/meta.json: made with another tokenizer (sha256 {meta.get('tokenizer_sha256')}, "
                          f"{args.model}/tokenizer.json is {sha}): prepare the data again")
-    if meta.get("vocab_size", math.inf) > cfg.vocab_size:
+    if meta["vocab_size"] > cfg.vocab_size:
         raise ValueError(f"{data}/meta.json: vocab_size {meta.get('vocab_size')} exceeds the model's "
                          f"{cfg.vocab_size}")
     splits, files = {}, {"train": data / "train.bin", "val": data / "val.bin"}
@@ -650,7 +672,14 @@ def saved_state(out):
     file = out / "state.json"
     if not file.is_file() and (out / "save.tmp" / "state.json").is_file():
         file = out / "save.tmp" / "state.json"
-    return ob.read_json(file, "no checkpoint to resume: run without --resume")
+    state = ob.read_json(file, "no checkpoint to resume: run without --resume")
+    for key, ok in (("step", type(state.get("step")) is int and state["step"] >= 0),
+                    ("options", isinstance(state.get("options"), dict)),
+                    ("args", isinstance(state.get("args", {}), dict))):
+        if not ok:
+            raise ValueError(f"{file}: {key} is {state.get(key, 'missing')!r}: not what train.py saves (a damaged "
+                             "checkpoint: start afresh with --overwrite)")
+    return state
 
 
 def saved_options(state):

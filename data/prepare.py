@@ -63,11 +63,15 @@ import ouroboros as ob  # noqa: E402
 RECORDS = (".jsonl", ".parquet")  # files of many documents; every other file is one text
 TEXT = (".txt", ".md", ".rst", ".py")  # the text files a folder gives without --ext
 CHUNK = 4096  # characters per document when a lone file has no blank lines to cut at
+# What a data folder holds: this script's files, and the demo's held-out prose and timing (data/stdlib.py)
+DATA = {"train.bin", "val.bin", "meta.json", "tokenizer.json", "prose.bin", "prose.json", "wall_s.txt"}
 
 
 def check_out(path, flag="--out"):
     """Refuse, in one line and before any work, an output folder that cannot be made or written
-    to: under a file, or under a folder without write permission. Creates nothing."""
+    to: empty, under a file, or under a folder without write permission. Creates nothing."""
+    if not str(path).strip():
+        raise ValueError(f"{flag} is empty: give a folder")
     path = Path(path)
     nearest = next(p for p in (path, *path.parents) if p.exists())  # the folder that will hold it
     if not nearest.is_dir():
@@ -94,6 +98,10 @@ def check_fresh(out, inputs, overwrite=False):
     if not overwrite:
         raise ValueError(f"--out {out}: holds prepared data (meta.json); give another --out, or --overwrite "
                          "to replace it")
+    other = sorted(f.name for f in out.iterdir() if f.name not in DATA)
+    if other:  # --overwrite replaces the folder whole: never with something else of the user's in it
+        raise ValueError(f"--out {out}: holds {', '.join(other[:3])}{' ...' if len(other) > 3 else ''} besides "
+                         "the data, which --overwrite would delete; give another --out")
 
 
 def find_inputs(inputs, extensions=()):

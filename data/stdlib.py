@@ -172,8 +172,14 @@ def pretrained_base(work, base, run, log=print, corpus=None, seed=0):
     in base-seedN/ instead. Returns (base checkpoint, data)."""
     work = Path(work)
     with holding(work, log):
+        fresh = not (work / "recipe.json").is_file()
         claim(work, base, corpus)
-        return make_base(work, base, run, log, corpus, seed)
+        try:
+            return make_base(work, base, run, log, corpus, seed)
+        except BaseException:
+            if fresh and not (work / "data" / "meta.json").is_file():  # nothing made: the folder stays unclaimed
+                (work / "recipe.json").unlink(missing_ok=True)
+            raise
 
 
 def make_base(work, base, run, log, corpus, seed):

@@ -204,21 +204,45 @@ def worktree(rev, tmp):
         subprocess.run(["git", "worktree", "remove", "--force", str(other)], cwd=HERE, capture_output=True)
 
 
+def check(args):
+    """Every option, before any work: a user's folder is read, never written over."""
+    sys.path.insert(0, str(HERE))
+    import ouroboros as ob
+    ob.Qwen2Config.from_pretrained(HERE / args.model)  # a folder with a readable config.json
+    if args.rounds < 1:
+        raise ValueError(f"--rounds {args.rounds}: must be at least 1")
+    if not 1 <= args.depth <= ob.MAX_STEPS:
+        raise ValueError(f"--depth {args.depth}: must be in 1..{ob.MAX_STEPS}")
+    for dtype in args.dtypes.split(","):
+        if dtype not in ("bfloat16", "float32"):
+            raise ValueError(f"--dtypes {args.dtypes}: {dtype!r} is not bfloat16 or float32")
+    folder = args.checkpoint
+    if folder and folder.exists() and not (folder / "config.json").is_file() and (
+            not folder.is_dir() or any(folder.iterdir())):
+        raise ValueError(f"--checkpoint {folder}: neither a checkpoint (no config.json) nor a new or empty folder "
+                         "to write one in")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--against", help="the other git revision (a commit, tag or branch)")
     ap.add_argument("--profile", action="store_true", help="profile one step (of each checkout) instead")
     ap.add_argument("--root", type=Path, default=HERE, help=argparse.SUPPRESS)  # --profile: whose step
     ap.add_argument("--model", default="configs/Qwen2.5-0.5B", help="a folder with a config.json (random weights)")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--depth", type=int, default=4, help="loop steps")
+    ap.add_argument("--rounds", type=int, default=3, help="A B rounds (at least 1)")
+    ap.add_argument("--depth", type=int, default=4, help="loop steps (1..64)")
     ap.add_argument("--checkpointing", action="store_true", help="--profile: recompute each loop step in backward")
     ap.add_argument("--dtypes", default="bfloat16,float32", help="frozen weights' dtypes to measure")
     ap.add_argument("--checkpoint", type=Path, help="load the frozen weights from this Hugging Face folder "
-                    "(written first, random bf16 weights of --model's shape, if it has none) instead of random ones")
+                    "(written first, random bf16 weights of --model's shape, if it is new or empty) instead of "
+                    "random ones")
     ap.add_argument("--this", default="", help="train.py options for this checkout alone (e.g. --this=--compile)")
     ap.add_argument("extra", nargs="*", help="after --: more train.py options for both (e.g. -- --compile)")
     args = ap.parse_args(argv)
+    try:
+        check(args)
+    except (ValueError, FileNotFoundError) as e:  # one line, before a worktree or a model is made
+        sys.exit(f"error: {e}")
     if args.profile and not args.against:
         return [profile(args.root, args.model, dtype, args.depth, args.checkpointing)
                 for dtype in args.dtypes.split(",")]
@@ -226,7 +250,7 @@ def main(argv=None):
         ap.error("give --against REV (or --profile)")
     if args.checkpoint and (args.this or args.extra):
         ap.error("--checkpoint runs the training step itself: train.py options do not apply")
-    if args.checkpoint and not (args.checkpoint / "model.safetensors").is_file():
+    if args.checkpoint and not (args.checkpoint / "config.json").is_file():  # new or empty (check): write one
         import torch
         sys.path.insert(0, str(HERE))
         import ouroboros as ob

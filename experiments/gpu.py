@@ -476,6 +476,9 @@ def check_results(folder):
         sys.exit(f"error: --results {folder}: cannot make that folder ({e.strerror})")
     if not os.access(folder, os.W_OK | os.X_OK):
         sys.exit(f"error: --results {folder}: not writable")
+    for name in ("gpu.json", "gpu.md", "gpu.log"):
+        if (folder / name).exists() and not (folder / name).is_file():
+            sys.exit(f"error: --results {folder}: {name} there is not a file")
     return folder
 
 

@@ -49,7 +49,7 @@ import torch  # noqa: E402
 
 import ouroboros as ob  # noqa: E402
 import train  # noqa: E402
-from data import stdlib  # noqa: E402
+from data import prepare, stdlib  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -586,6 +586,8 @@ def study(args):
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
+    prepare.check_out(work, "--work")
+    prepare.check_out(results, "--results")
     if args.quick and results.resolve() == (HERE / "results").resolve():
         raise ValueError(f"--results {args.results}: the committed study's; --quick writes its smoke results "
                          "elsewhere (by default WORK/results)")
