@@ -264,7 +264,7 @@ class Qwen2(nn.Module):
         """Token embeddings (B, T, d) and the rotary table of their positions."""
         check_idx(idx)
         T = idx.size(1)
-        pos = caches[0].positions(T, idx.device) if caches else torch.arange(T, device=idx.device)  # (T,)
+        pos = torch.arange(T, device=idx.device) + (caches[0].position.at if caches else 0)  # (T,)
         h = self.model.embed_tokens(idx)  # (B, T, d)
         return h, rope(self.cfg, pos, h.dtype)
 
@@ -450,7 +450,7 @@ class Ouroboros(nn.Module):
             if cache is not None and cache.h_sum is not None:  # a decoded token: the sum before it, and it
                 running = running + cache.h_sum
                 cache.h_sum.copy_(running)
-                count = cache.positions(1, h.device) + 1
+                count = (cache.position.at + 1).view(1)
             elif cache is not None:  # the prompt starts the running sum
                 cache.h_sum = running[:, -1:].clone()
             p = running / count[:, None]
@@ -517,38 +517,46 @@ class Ouroboros(nn.Module):
 # Generation: prefill, then one token at a time with a KV cache per attention call
 
 
+class Position:
+    """Where decoding is, for max_len positions: `at`, the position of the next token, and `seen`, the
+    keys a token there attends to (those up to it). Shared by every cache of a model, moved on by the
+    caller after each forward pass, in place: tensors, not Python numbers, so that a compiled decoding
+    step is one graph that reads them anew at every token."""
+
+    def __init__(self, max_len, device):
+        self.keys = torch.arange(max_len, device=device)  # (max_len,)
+        self.at = torch.zeros((), dtype=torch.long, device=device)
+        self.seen = self.keys[None] <= self.at  # (1, max_len)
+
+    def advance(self, T):
+        self.at += T
+        torch.le(self.keys[None], self.at, out=self.seen)
+
+
 class KVCache:
-    """Keys and values of one attention call, allocated for max_len positions by the prompt (the
-    prefill), then filled one decoded token at a time. The looped layer gets one per recurrence step
-    (each step attends to its own past), and there the causal Controller's running sum of h rides
-    along (h_sum). After the prefill nothing changes shape and every update is in place, the count
-    of positions too (a tensor): a compiled decoding step is one graph for every token."""
+    """Keys and values of one attention call, allocated for every position by the prompt (the prefill),
+    then written one decoded token at a time, in place. The looped layer gets one per recurrence step
+    (each step attends to its own past), and there the causal Controller's running sum of h rides along
+    (h_sum). After the prefill nothing changes shape: one compiled decoding step serves every token."""
 
-    def __init__(self, max_len):
-        self.max_len, self.k, self.v, self.h_sum, self.filled = max_len, None, None, None, None
-
-    def positions(self, T, device):
-        """The positions (T,) of the next T tokens: the prompt's 0..T-1, then one at a time."""
-        return torch.arange(T, device=device) + (0 if self.filled is None else self.filled)
+    def __init__(self, position):
+        self.position, self.k, self.v, self.h_sum = position, None, None, None
 
     def update(self, k, v):
         """k, v (B, n_kv, T, hd) of the new tokens written in; returns the keys, values and mask to attend to."""
         B, n_kv, T, hd = k.shape
-        if self.k is None:  # the prompt: it attends to itself, causally (no mask)
-            if T > self.max_len:
-                raise ValueError(f"KV cache: a prompt of {T} positions, room for {self.max_len}")
-            self.k, self.v = k.new_zeros(B, n_kv, self.max_len, hd), v.new_zeros(B, n_kv, self.max_len, hd)
+        if self.k is None:  # the prompt, at 0..T-1: it attends to itself, causally (no mask)
+            max_len = len(self.position.keys)
+            if T > max_len:
+                raise ValueError(f"KV cache: a prompt of {T} positions, room for {max_len}")
+            self.k, self.v = k.new_zeros(B, n_kv, max_len, hd), v.new_zeros(B, n_kv, max_len, hd)
             self.k[:, :, :T], self.v[:, :, :T] = k, v
-            self.filled = torch.tensor(T, device=k.device)
             return k, v, None
         if T != 1:
             raise ValueError(f"KV cache: {T} new positions after the prompt; decode one position at a time")
-        pos = self.filled.view(1)  # (1,), a view: it counts on with filled
-        self.k.index_copy_(2, pos, k)
-        self.v.index_copy_(2, pos, v)
-        written = torch.arange(self.max_len, device=k.device)[None] <= pos[:, None]  # (1, max_len): keys so far
-        self.filled += 1
-        return self.k, self.v, written
+        self.k.index_copy_(2, self.position.at.view(1), k)
+        self.v.index_copy_(2, self.position.at.view(1), v)
+        return self.k, self.v, self.position.seen  # (B, n_kv, max_len, hd) each, and (1, max_len)
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -579,11 +587,13 @@ def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, com
     compile=True: the decoding step is compiled once the prefill has filled the caches (Part 2)."""
     check_prompt(model, idx, max_new_tokens, temperature, top_k)
     calls = len(model.prelude) + depth + len(model.coda) if isinstance(model, Ouroboros) else len(model.model.layers)
-    caches = [KVCache(idx.size(1) + max_new_tokens) for _ in range(calls)]  # one per attention call
+    position = Position(idx.size(1) + max_new_tokens, idx.device)
+    caches = [KVCache(position) for _ in range(calls)]  # one per attention call
     x, step = idx, next_logits
     for i in range(max_new_tokens):
         with sdpa_kernel(DECODE_ATTENTION):
             logits = step(model, x, caches, depth)  # (B, vocab)
+        position.advance(x.size(1))
         x = sample(logits, temperature, top_k)  # (B, 1)
         if compile and i == 0:
             step = compiled_decoding(caches)
@@ -715,10 +725,10 @@ def compiled_decoding(caches):
     are updated in place (KVCache), so a single graph serves every token; their tensors are marked as
     fixed in memory, so that on a GPU the graph is captured once as a CUDA graph and replayed
     ("reduce-overhead"), one launch instead of hundreds per token."""
-    for cache in caches:
-        for t in (cache.k, cache.v, cache.h_sum, cache.filled):
-            if t is not None:
-                torch._dynamo.mark_static_address(t)
+    position = caches[0].position
+    for t in (position.keys, position.at, position.seen, *(t for c in caches for t in (c.k, c.v, c.h_sum))):
+        if t is not None:
+            torch._dynamo.mark_static_address(t)
     return torch.compile(next_logits, mode="reduce-overhead" if caches[0].k.is_cuda else None, dynamic=False)
 
 # ----------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The GPU check: the CUDA tests, and the figures only a GPU gives (training speed,
     python experiments/gpu.py                          # on one CUDA GPU: at most 7.5 minutes of stages
     python experiments/gpu.py --smoke                  # the same stages on a tiny shape, on the CPU (the suite's)
     python experiments/gpu.py --only train-eager,decode    # some of the stages (the report holds only those)
+    python experiments/gpu.py --authors DIR            # also the authors' code side by side (DIR holds ouroboros/)
 
 Stages, in this order. Each runs as a child process (`gpu.py --stage NAME`) with its own time limit,
 so that a crash, a CUDA out-of-memory or a hang ends that stage alone and the next one starts. The
@@ -27,7 +28,17 @@ rerun still fits a 15-minute GPU lease.
                          the page cache, so the load reads the disk), then Ouroboros.from_pretrained(rank=8)
                          on the GPU: the 17 kept layers read, the removed ones streamed into the SVD bases
   decode          60 s   cached greedy decoding (ob.stream, temperature 0) at depth 4, batch 1: 64 new
-                         tokens after a 16-token and after a 2,048-token prompt
+                         tokens after a 16-token and after a 2,048-token prompt, each run twice (the
+                         first pays for the kernels' first calls), and the aten ops of one decoded token
+                         (a TorchDispatchMode), and of them those that are not views
+  decode-compile 120 s   the same with stream(compile=True): one compiled graph per token, replayed as a
+                         CUDA graph ("reduce-overhead"); the first run of each prompt compiles
+  authors        240 s   only with --authors DIR: the authors' OuroborosV2 (their package, with
+                         transformers) against ours on one random checkpoint of the shape, written
+                         first: split 8/18/8, depth 4, rank 8, micro-batch 2 x 2,048, AdamW; theirs in
+                         pure bf16 as their train_v2.py, ours as train.py; eager, then torch.compile;
+                         tokens/s (median of the steps after the first, two when compiled) and peak
+                         memory allocated while training, and the ratios ours / theirs
 
 --smoke runs the same stages, with the same report fields, on a tiny Qwen2 shape on the CPU: there
 the CUDA tests skip (their pytest summary is recorded), float32 frozen weights stand in for bf16, MFU
@@ -103,6 +114,7 @@ class Plan:
     new_tokens: int
     peak_flops: float = None  # None: train.py's table of GPUs
     compile_backend: str = None  # None: torch.compile's default (inductor)
+    authors: str = None  # --authors: a folder holding the authors' package (ouroboros/), for measuring only
     scratch: str = field(default_factory=tempfile.gettempdir)  # where the load stage writes its checkpoint
 
 
@@ -296,31 +308,124 @@ def load(plan):
                     disk=f"{mount_of(tmp)}; page cache dropped (posix_fadvise) before the load")
 
 # ----------------------------------------------------------------------------------------
-# Stage 7: cached decoding
+# Stages 7 and 8: cached decoding, eager and compiled
 
 
-def decode(plan):
+def decode(plan, compile=False):
     """Greedy decoding from random weights: the prefill (prompt in, first token out), then tokens/s
-    over the new tokens after the first. A short warm-up first pays for the kernels' first calls."""
+    over the new tokens after the first. Each prompt is decoded twice and the second is timed: the
+    first pays for the kernels' first calls and, with compile, for compiling (the graph is made for
+    the caches' length, prompt + new tokens). Eager, also the aten ops of one decoded token."""
+    if compile and plan.compile_backend:  # smoke: a backend a CPU builds in seconds
+        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
     torch.manual_seed(0)
     model = ob.Ouroboros.from_config(plan.config, device=plan.device, dtype=getattr(torch, plan.dtype), rank=8)
-    prompt = lambda T: torch.randint(0, plan.config.vocab_size, (1, T), device=plan.device)  # noqa: E731
-    for _ in ob.stream(model, prompt(plan.prompts[0]), 2, depth=4, temperature=0):
-        pass
     figures = dict(new_tokens=plan.new_tokens)
     for name, T in zip(("short", "long"), plan.prompts):
-        idx = prompt(T)
-        sync(plan)
-        t0 = time.perf_counter()
-        tokens = ob.stream(model, idx, plan.new_tokens, depth=4, temperature=0)
-        next(tokens)
-        sync(plan)
-        t1 = time.perf_counter()
-        for _ in tokens:
-            pass
-        sync(plan)
+        idx = torch.randint(0, plan.config.vocab_size, (1, T), device=plan.device)
+        for _ in range(2):
+            sync(plan)
+            t0 = time.perf_counter()
+            tokens = ob.stream(model, idx, plan.new_tokens, depth=4, temperature=0, compile=compile)
+            next(tokens)
+            sync(plan)
+            t1 = time.perf_counter()
+            for _ in tokens:
+                pass
+            sync(plan)
         figures |= {f"{name}_prompt_tokens": T, f"{name}_prefill_s": t1 - t0,
                     f"{name}_decode_tok_per_s": (plan.new_tokens - 1) / (time.perf_counter() - t1)}
+    if not compile:
+        figures |= ops_per_token(model, idx)
+    return figures
+
+
+def ops_per_token(model, idx):
+    """The aten ops that one eager decoded token (depth 4) runs, counted as they are dispatched, and of
+    them those that are not views (each of which launches work: a kernel on a GPU)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    ops = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            ops.append(func)
+            return func(*args, **(kwargs or {}))
+    tokens = ob.stream(model, idx, 2, depth=4, temperature=0)
+    next(tokens)  # the prefill
+    with Count():
+        next(tokens)
+    views = sum(func.is_view or func is torch.ops.aten._unsafe_view.default for func in ops)
+    return dict(ops_per_token=len(ops), work_ops_per_token=len(ops) - views)
+
+# ----------------------------------------------------------------------------------------
+# Stage 9: the authors' code side by side (--authors DIR; for measuring only)
+
+
+def authors(plan):
+    """One random checkpoint of the plan's shape (our save_pretrained, which transformers reads), then
+    the same training step, side by side in this process: their OuroborosV2 as their train_v2.py runs
+    it (pure bf16, depth 4 of their variable depths, labels shifted inside), and ours as train.py runs
+    it (bf16 frozen weights, float32 trainables, the loss alone); each eager, then compiled."""
+    import gc
+    if plan.compile_backend:  # smoke: a backend a CPU builds in seconds
+        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
+    ours = sys.modules.pop("ouroboros")  # their package has our file's name: imported under it, then ours put back
+    sys.path.insert(0, str(Path(plan.authors).resolve()))
+    try:
+        from ouroboros.ouroboros_v2 import OuroborosV2
+    finally:
+        sys.path.pop(0)
+        sys.modules["ouroboros"] = ours
+    B, T, L = plan.batch, plan.seq_len, plan.config.num_hidden_layers
+    split, middle = round(8 * L / 36), L // 2  # 8 / 18 / 8 of 36 layers, as ours by default
+    figures = {}
+    with tempfile.TemporaryDirectory(dir=plan.scratch, prefix="gpu-authors-") as tmp:
+        torch.manual_seed(0)
+        ob.Qwen2.from_config(plan.config, device=plan.device, dtype=torch.bfloat16).save_pretrained(tmp)
+        for side in ("authors", "ours"):
+            for compiled in (False, True):
+                if side == "authors":
+                    model = OuroborosV2(n_prelude=split, n_coda=split, recurrent_layer_idx=middle, lora_rank=8,
+                                        variable_depths=(4,))
+                    model.load_base_model(tmp)
+                    model = model.to(plan.device)
+                    model.set_phase(2)
+                    params = [p for p in model.parameters() if p.requires_grad]
+                    f = torch.compile(model) if compiled else model
+                    x = torch.randint(0, plan.config.vocab_size, (B, T), device=plan.device)
+                    loss_of = lambda: f(x, labels=x)["loss"]  # noqa: E731
+                else:
+                    model = ob.Ouroboros.from_pretrained(tmp, device=plan.device, dtype=torch.bfloat16, rank=8)
+                    params = model.trainable_parameters()
+                    f = torch.compile(model) if compiled else model
+                    x = torch.randint(0, plan.config.vocab_size, (B, T + 1), device=plan.device)
+                    loss_of = lambda: f(x[:, :-1], 4, x[:, 1:], return_logits=False)[1]  # noqa: E731
+                opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.01)
+                if plan.device == "cuda":
+                    torch.cuda.reset_peak_memory_stats()
+                times = []
+                for _ in range(plan.steps):
+                    sync(plan)
+                    t0 = time.perf_counter()
+                    loss_of().backward()
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+                    sync(plan)
+                    times.append(time.perf_counter() - t0)
+                timed = sorted(times[2 if compiled else 1:])
+                key = f"{side}_{'compiled' if compiled else 'eager'}"
+                figures[f"{key}_tok_per_s"] = B * T / timed[len(timed) // 2]
+                figures[f"{key}_peak_gb"] = peak_memory_gb(plan)[0]
+                figures[f"{key}_trainable"] = sum(p.numel() for p in params)
+                del model, params, opt, f, loss_of
+                gc.collect()
+                if plan.device == "cuda":
+                    torch.cuda.empty_cache()
+    for mode in ("eager", "compiled"):
+        figures[f"{mode}_speed_ours_over_authors"] = figures[f"ours_{mode}_tok_per_s"] / figures[
+            f"authors_{mode}_tok_per_s"]
+        figures[f"{mode}_memory_ours_over_authors"] = (figures[f"ours_{mode}_peak_gb"]
+                                                       / figures[f"authors_{mode}_peak_gb"])
     return figures
 
 # ----------------------------------------------------------------------------------------
@@ -363,7 +468,22 @@ STAGES = [
                                  *((f"{name}_{key}", f"{name} prompt: {label}", spec) for name in ("short", "long")
                                    for key, label, spec in (("prompt_tokens", "tokens", ",d"),
                                                             ("prefill_s", "prefill, s", ".3f"),
-                                                            ("decode_tok_per_s", "decode tokens/s", ",.1f"))))),
+                                                            ("decode_tok_per_s", "decode tokens/s", ",.1f"))),
+                                 ("ops_per_token", "aten ops per decoded token (eager)", ",d"),
+                                 ("work_ops_per_token", "of them not views", ",d"))),
+    Stage("decode-compile", 120, lambda plan: decode(plan, compile=True), (("new_tokens", "new tokens", "d"), *(
+        (f"{name}_{key}", f"{name} prompt: {label}", spec) for name in ("short", "long")
+        for key, label, spec in (("prompt_tokens", "tokens", ",d"), ("prefill_s", "prefill, s", ".3f"),
+                                 ("decode_tok_per_s", "decode tokens/s (compiled)", ",.1f"))))),
+    Stage("authors", 240, authors, (*((f"{side}_{mode}_{key}", f"{who}, {mode}: {label}", spec)
+                                       for mode in ("eager", "compiled")
+                                       for side, who in (("authors", "authors' V2"), ("ours", "ours"))
+                                       for key, label, spec in (("tok_per_s", "tokens/s", ",.0f"),
+                                                                ("peak_gb", "peak allocated while training, GB",
+                                                                 ".2f"),
+                                                                ("trainable", "trainable", ",d"))),
+                                    *((f"{mode}_{what}_ours_over_authors", f"{mode}: {what}, ours / authors'", ".2f")
+                                      for mode in ("eager", "compiled") for what in ("speed", "memory")))),
 ]
 BY_NAME = {s.name: s for s in STAGES}
 
@@ -390,7 +510,8 @@ def run_stage(stage, limit, args, log):
     its output appended to the log. Returns the stage's record for the report."""
     cmd = [sys.executable, "-u", __file__, "--stage", stage.name, *(["--smoke"] if args.smoke else []),
            *(["--peak-flops", str(args.peak_flops)] if args.peak_flops else []),
-           *(["--scratch", args.scratch] if args.scratch else [])]
+           *(["--scratch", args.scratch] if args.scratch else []),
+           *(["--authors", args.authors] if args.authors else [])]
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     log.write(f"\n===== {stage.name}: {' '.join(cmd[2:])} (limit {limit:.0f} s, {started}) =====\n")
     log.flush()
@@ -491,6 +612,8 @@ def main(argv=None):
     ap.add_argument("--peak-flops", type=float, help="peak FLOP/s of the GPU for MFU (known: H100, H200, A100)")
     ap.add_argument("--scratch", help=f"a folder on local disk for the load stage's checkpoint (default: "
                     f"{tempfile.gettempdir()}; the 3B shape needs 6.2 GB)")
+    ap.add_argument("--authors", help="a folder holding the authors' package (ouroboros/ of RightNow-AI/ouroboros) "
+                    "and transformers installed: adds the side-by-side stage")
     ap.add_argument("--stage", choices=list(BY_NAME), help=argparse.SUPPRESS)  # a child: run one stage, print figures
     args = ap.parse_args(argv)
     plan = SMOKE if args.smoke else GPU
@@ -498,6 +621,10 @@ def main(argv=None):
         if not 0 < args.peak_flops < math.inf:
             sys.exit(f"error: --peak-flops {args.peak_flops}: must be a positive FLOP/s figure, e.g. 989e12")
         plan = replace(plan, peak_flops=args.peak_flops)
+    if args.authors:
+        if not (Path(args.authors) / "ouroboros" / "ouroboros_v2.py").is_file():
+            sys.exit(f"error: --authors {args.authors}: no ouroboros/ouroboros_v2.py there (the authors' package)")
+        plan = replace(plan, authors=args.authors)
     if args.scratch:
         if not Path(args.scratch).is_dir():
             sys.exit(f"error: --scratch {args.scratch}: no such folder")
@@ -505,7 +632,10 @@ def main(argv=None):
     if args.stage:  # the child
         print(f"{MARK} {json.dumps(BY_NAME[args.stage].run(plan))}", flush=True)
         return
-    asked = [n.strip() for n in args.only.split(",")] if args.only is not None else list(BY_NAME)
+    asked = ([n.strip() for n in args.only.split(",")] if args.only is not None else
+             [n for n in BY_NAME if n != "authors" or args.authors])
+    if "authors" in asked and not args.authors:
+        sys.exit("error: --only authors: give --authors DIR (the authors' package)")
     unknown = [n for n in asked if n not in BY_NAME]
     if unknown:
         sys.exit(f"error: --only {args.only}: no stage {unknown[0]!r} (stages: {', '.join(BY_NAME)})")
