@@ -311,20 +311,6 @@ def svd_basis(delta, rank):
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Vh[:rank].clone(), U[:, :rank] * S[:rank]
 
-def prefix_sums(x, block=64):
-    """x.cumsum(1) for x (B, T, d), as two matmuls instead of a scan over T (a GPU runs a scan over a
-    middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
-    sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
-    B, T, d = x.shape
-    if T == 1:  # decoding: one position is its own prefix
-        return x
-    block = min(block, T)
-    blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
-    n = blocks.size(1)
-    within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
-    before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
-    return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
-
 # ----------------------------------------------------------------------------------------
 # Controller: the hypernetwork that makes each recurrence step input-dependent
 
@@ -360,6 +346,21 @@ class StaticModulation(nn.Module):
 
 # ----------------------------------------------------------------------------------------
 # The recurrent model: prelude, gated and normalised loop over layer R, coda
+
+
+def prefix_sums(x, block=64):
+    """x.cumsum(1) for x (B, T, d), as two matmuls instead of a scan over T (a GPU runs a scan over a
+    middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
+    sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
+    B, T, d = x.shape
+    if T == 1:  # decoding: one position is its own prefix
+        return x
+    block = min(block, T)
+    blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
+    n = blocks.size(1)
+    within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
+    before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
+    return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
 
 
 class Ouroboros(nn.Module):
@@ -570,8 +571,8 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, -1), 1)
 
 
-# Attention while decoding: every call has a new key length. cuDNN's kernel builds a plan per
-# length (milliseconds of CPU per call, seen on an H200 with torch 2.11); these do not.
+# Attention while decoding: cuDNN's kernel builds a new plan whenever the key length changes (a GPU
+# profile found that it was most of a decoded token's time); these kernels do not.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
