@@ -126,7 +126,7 @@ class RMSNorm(nn.Module):
 
 def rope(cfg, pos, dtype=torch.float32):
     """cos and sin of the rotary angles pos · θ^(-2i/hd) of positions pos (T,), computed in float32
-    whatever the weights, then given in the activations' dtype (cast once here, not at every call)."""
+    whatever the weights, then given in `dtype`, the embeddings' (cast once here, not at every call)."""
     hd = cfg.head_dim
     inv_freq = 1.0 / cfg.rope_theta ** (torch.arange(0, hd, 2, device=pos.device).float() / hd)  # (hd/2,)
     angles = torch.outer(pos.float(), inv_freq)  # (T, hd/2)
@@ -358,8 +358,9 @@ def prefix_sums(x, block=64):
     block = min(block, T)
     blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
     n = blocks.size(1)
-    within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
-    before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
+    with torch.autocast(x.device.type, enabled=False):  # in x's dtype: bf16 sums of thousands of terms drift
+        within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
+        before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
     return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
 
 
@@ -571,8 +572,9 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, -1), 1)
 
 
-# Attention while decoding: cuDNN's kernel builds a new plan whenever the key length changes (a GPU
-# profile found that it was most of a decoded token's time); these kernels do not.
+# Attention while decoding. A GPU profile found cuDNN's kernel building a new plan at every decoded
+# token, when the key length grew with each; the static caches now keep one length, which may make it
+# fast again: until a GPU run says so, decoding leaves it out.
 DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -649,7 +651,7 @@ class LinearCrossEntropy(torch.autograd.Function):
     one. The matmuls are the two that logits and then their gradient would take. When W trains
     (pretraining), the logits are kept, and backward walks their blocks once more for
     d loss / dW = (softmax − onehot)ᵀ x / n: a third matmul, as autograd would make. Targets must
-    be -100 or in the vocabulary (Qwen2.head checks). Call it through linear_cross_entropy."""
+    be -100 or in the vocabulary (train.py checks its token files). Call it through linear_cross_entropy."""
 
     @staticmethod
     def forward(ctx, x, w, targets, grad_enabled, block, return_logits):
@@ -728,8 +730,8 @@ def compiled_decoding(caches):
     ("reduce-overhead"), one launch instead of hundreds per token."""
     position = caches[0].position
     for t in (position.keys, position.at, position.seen, *(t for c in caches for t in (c.k, c.v, c.h_sum))):
-        if t is not None:
-            torch._dynamo.mark_static_address(t)
+        if t is not None:  # guard=False: the next generate's new caches reuse the graph (re-recorded, not recompiled)
+            torch._dynamo.mark_static_address(t, guard=False)
     return torch.compile(next_logits, mode="reduce-overhead" if caches[0].k.is_cuda else None, dynamic=False)
 
 # ----------------------------------------------------------------------------------------

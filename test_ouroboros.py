@@ -336,6 +336,24 @@ def test_prefix_sums_are_cumsum_to_float32_round_off(T):
     bound = 4 * T * torch.finfo(torch.float32).eps * x.abs().cumsum(1)  # |error| of a float32 sum of T terms
     assert ((ours - exact).abs() <= bound).all() and ((scan - exact).abs() <= bound).all()
     torch.testing.assert_close(ours, scan, rtol=1e-5, atol=1e-4)
+    with torch.autocast("cpu", torch.bfloat16):  # inside a bf16 model's forward: the same float32 sums
+        assert torch.equal(ob.prefix_sums(x.float()), ours.float())
+
+
+def test_decoding_a_bf16_model_keeps_the_pools_running_sum_in_float32(tiny, monkeypatch):
+    """In bf16, a sum of hundreds of hidden states stops growing: a new token's share rounds away."""
+    made = []
+
+    class Spy(ob.KVCache):
+        def __init__(self, *args):
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(ob, "KVCache", Spy)
+    model = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu", dtype=torch.bfloat16))
+    ob.generate(model, ids(B=1, T=9), 3, depth=2)
+    sums = [c.h_sum for c in made if c.h_sum is not None]
+    assert len(sums) == 2 and all(h.dtype == torch.float32 for h in sums)
 
 
 @pytest.mark.parametrize("pool, causal", [("causal", True), ("mean", False)])
