@@ -1323,6 +1323,14 @@ def test_prepare_never_replaces_what_is_in_out_unless_told(tmp_path, demo):
     assert [f.name for f in (tmp_path / "mine").iterdir()] == ["notes.txt"]
 
 
+def test_prepared_data_has_the_permissions_of_a_folder_made_by_mkdir(tmp_path, demo):
+    """The data is made in a private temporary folder, then renamed: it must not stay private."""
+    write_docs(tmp_path / "a", ["first", "second", "third", "fourth"], "jsonl")
+    (tmp_path / "made").mkdir()
+    prepare.prepare([tmp_path / "a"], demo[0], tmp_path / "out", 0.5, log=quiet)
+    assert (tmp_path / "out").stat().st_mode == (tmp_path / "made").stat().st_mode
+
+
 def test_prepare_refuses_an_out_inside_its_input_and_an_input_inside_its_out(tmp_path, demo):
     """Else a second run reads its own meta.json and tokenizer.json as documents, or replaces its input."""
     write_docs(tmp_path / "in", ["first", "second", "third", "fourth"], "jsonl")
@@ -1815,8 +1823,8 @@ BAD_RUNS = {
     "eval-on not found": (["--eval-on", "nowhere"], None, "--eval-on {tmp}/nowhere: not found"),
     "eval-on a folder": (["--eval-on", "data"], None, "--eval-on {tmp}/data: a folder, not a token file"),
     "eval-on not tokens": (["--eval-on", "data/meta.json"], None, "meta.json: {size} bytes: not a file of uint32"),
-    "out inside data": (["--out", "data/run"], None, "--out {tmp}/data/run: inside --data {tmp}/data (data/prepare.py "
-                        "--overwrite would delete it)"),
+    "out inside data": (["--out", "data/run"], None, "--out {tmp}/data/run: inside --data {tmp}/data, a folder of "
+                        "data/prepare.py's"),
     "empty out": (["--out", ""], None, "--out is empty: give a folder"),
     "negative seed": (["--seed", "-1"], None, "--seed -1 must be an integer in 0..2**63-1"),
     "negative peak": (["--peak-flops", "-5"], None, "--peak-flops -5.0 must be > 0 and finite"),

@@ -506,8 +506,8 @@ def check_options(args):
     prepare.check_out(args.out, "--out")
     out, data = Path(args.out).resolve(), Path(args.data).resolve()
     if not args.benchmark and out.is_relative_to(data):
-        raise ValueError(f"--out {args.out}: inside --data {args.data} (data/prepare.py --overwrite would delete it); "
-                         "give another --out")
+        raise ValueError(f"--out {args.out}: inside --data {args.data}, a folder of data/prepare.py's; give another "
+                         "--out")
 
 
 def check_model(args):
@@ -603,15 +603,20 @@ def hold(out):
     """Hold OUT/lock (an OS lock, released when the process ends, even by kill -9) while this run
     writes OUT: a second train.py on the same --out is refused, naming the first. Released by release()."""
     made = [p for p in (out, *out.parents) if not p.exists()]  # deepest first
-    out.mkdir(parents=True, exist_ok=True)
-    lock = open(out / "lock", "a+")
-    try:
-        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        lock.seek(0)
-        holder = lock.read().strip() or "another process"
+    while True:
+        out.mkdir(parents=True, exist_ok=True)
+        lock = open(out / "lock", "a+")
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "another process"
+            lock.close()
+            raise ValueError(f"{out}/lock: {out} is in use by {holder}; wait for it to end, or give another --out")
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(out / "lock").st_ino == os.fstat(lock.fileno()).st_ino:
+                break  # the lock is the file in OUT, not one a run that ended meanwhile removed (release)
         lock.close()
-        raise ValueError(f"{out}/lock: {out} is in use by {holder}; wait for it to end, or give another --out")
     lock.truncate(0)
     lock.write(f"train.py (pid {os.getpid()} on {socket.gethostname()}, since "
                f"{datetime.datetime.now():%Y-%m-%d %H:%M:%S})\n")
@@ -645,7 +650,8 @@ def saved_run(args, run):
     out, file = Path(args.out), Path(args.out) / "state.json"
     if not args.resume:
         found = next((out / f for f in (*SAVED, *MODEL) if (out / f).is_file()), None)
-        if found and not file.is_file():  # --overwrite would delete a model that no run of ours made
+        if found and not (file.is_file() or (out / "save.tmp" / "state.json").is_file()):  # a model, not a run:
+            # --overwrite would delete what no run of ours made
             raise ValueError(f"{found}: {out} holds a model, not a run of train.py; give another --out")
         if found and not args.overwrite:
             raise ValueError(f"{found}: a run is saved in {out}; continue it with --resume (and a larger "

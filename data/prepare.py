@@ -40,7 +40,7 @@ Nothing is written until --out is known to be writable, the inputs are found and
 (if given) is read. --out must be new or empty, or, with --overwrite, hold data this script made
 (its meta.json); it may not lie inside an input, nor an input inside it. The files are made in a
 hidden folder beside --out, which is renamed to --out when whole: a failure leaves --out as it was
-(and no --out at all if it did not exist), and of two runs on one --out, the second is refused.
+(and no --out at all if it did not exist), and of two runs on one new --out, the second is refused.
 """
 import argparse
 import contextlib
@@ -260,6 +260,9 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
     counts.update(files=len(files), empty_skipped=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # hidden: never an input
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")
@@ -297,6 +300,8 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
         try:
             os.rename(stage, out)  # whole, at once (an empty --out is replaced)
         except OSError:
+            if old.exists() and not out.exists():
+                os.rename(old, out)  # the old data back where it was
             raise ValueError(f"--out {out}: filled by another run while this one worked; it is left as that "
                              "run made it") from None
         shutil.rmtree(old, ignore_errors=True)
