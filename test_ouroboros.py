@@ -2066,7 +2066,7 @@ def test_the_study_never_takes_or_replaces_what_another_budget_made(tmp_path, ma
 @pytest.mark.parametrize("argv, message", [
     (["--work", "{tmp}/afile"], "error: --work {tmp}/afile: {tmp}/afile is a file, not a folder"),
     (["--results", "{tmp}/afile"], "error: --results {tmp}/afile: {tmp}/afile is a file, not a folder"),
-    (["--corpus", "{tmp}/empty"], "error: no .txt, .md, .rst, .py, .jsonl, .parquet file in {tmp}/empty"),
+    (["--corpus", "{tmp}/empty"], "error: --corpus {tmp}/empty: no .txt, .md, .rst, .py, .jsonl, .parquet file in it"),
 ])
 def test_the_study_refuses_a_file_for_a_folder_and_claims_nothing_it_did_not_make(tmp_path, argv, message):
     """One line; and a work folder whose data stage failed is left unclaimed (no recipe.json), so that the

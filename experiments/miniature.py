@@ -583,6 +583,8 @@ def main(argv=None):
 def study(args):
     if args.corpus and not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"--corpus {args.corpus}: no such folder")
+    if args.corpus and not any(f.suffix in prepare.TEXT + prepare.RECORDS for f in Path(args.corpus).rglob("*")):
+        raise ValueError(f"--corpus {args.corpus}: no {', '.join(prepare.TEXT + prepare.RECORDS)} file in it")
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
