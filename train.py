@@ -386,6 +386,8 @@ def train(args):
     except KeyboardInterrupt:
         sys.exit(f"interrupted in the final evaluation: the run is saved in {out}; the same command with "
                  "--resume writes its results")
+    if world > 1:  # no rank tears down its connections while rank 0 still writes the results
+        dist.barrier()
     return model
 
 
