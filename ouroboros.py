@@ -510,7 +510,7 @@ class Ouroboros(nn.Module):
         save_atomic(tensors, file, meta)
 
     def load_trainable(self, file):
-        check_trainable(file, self.options, self.cfg)  # the same options and base config
+        check_trainable(file, self.options, self.cfg, self)  # the same options, base config and shapes
         with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
             for name, p in self.named_trainable():
                 p.copy_(f.get_tensor(name))
@@ -1083,16 +1083,17 @@ def read_trainable_options(file, with_config=False):
     return (options, config) if with_config else options
 
 
-def check_trainable(file, options, cfg):
-    """A trainable file saved with these options and for this base config, or one line naming
-    every difference."""
+def check_trainable(file, options, cfg, model=None):
+    """A trainable file saved with these options and for this base config, with the tensors of
+    `model` (by default one built on the meta device), or one line naming every difference."""
     saved, config = read_trainable_options(file, with_config=True)
     diff = [f"{k}: file {saved.get(k)!r}, model {v!r}" for k, v in options.items() if saved.get(k) != v]
     diff += [f"config {k}: file {config.get(k)!r}, model {v!r}" for k, v in asdict(cfg).items()
              if config.get(k) != v]
     if diff:
         raise ValueError(f"{file}: saved with other options ({'; '.join(diff)})")
-    shapes = {n: tuple(p.shape) for n, p in Ouroboros.from_config(cfg, "meta", **options).named_trainable()}
+    model = model or Ouroboros.from_config(cfg, "meta", **options)
+    shapes = {n: tuple(p.shape) for n, p in model.named_trainable()}
     with safe_open(file, framework="pt", device="cpu") as f:
         saved = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
     diff = [f"{n}: file {saved.get(n, 'missing')}, model {s}" for n, s in shapes.items() if saved.get(n) != s]
@@ -1126,16 +1127,14 @@ def config_from_dict(cls, raw, source):
     if "rope_theta" not in raw and "rope_theta" in rope:  # 5.x: the theta is in rope_parameters
         raw["rope_theta"] = rope["rope_theta"]
     for f in fields(cls):
-        value = raw.get(f.name)
+        value, need = raw.get(f.name), "true or false" if f.type is bool else f"{KINDS[f.type]} above 0"
         if f.name in raw and value is None:  # null would silently be a default: another model than described
-            raise ValueError(f"{source}: key {f.name!r} is null: must be "
-                             + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0")
+            raise ValueError(f"{source}: key {f.name!r} is null: must be {need}"
                              + ("" if f.default is MISSING else f" (leave the key out for the default {f.default})"))
         if f.default is MISSING and value is None:
             raise ValueError(f"{source}: key {f.name!r} is missing")
         if value is not None and not (is_a(value, f.type) and (f.type is bool or value > 0)):
-            raise ValueError(f"{source}: key {f.name!r} is {value!r}: must be "
-                             + ("true or false" if f.type is bool else f"{KINDS[f.type]} above 0"))
+            raise ValueError(f"{source}: key {f.name!r} is {value!r}: must be {need}")
     cfg = cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
     if raw.get("head_dim", cfg.head_dim) != cfg.head_dim:
         refuse(f"head_dim {raw['head_dim']} != hidden_size / num_attention_heads")

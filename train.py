@@ -487,8 +487,10 @@ def check_options(args):
         raise ValueError(f"--seed {args.seed!r} must be an integer in 0..2**63-1")
     if args.peak_flops is not None and not 0 < args.peak_flops < math.inf:
         raise ValueError(f"--peak-flops {args.peak_flops} must be > 0 and finite, e.g. 989e12")
-    if args.demo and (args.model, args.data) != (parse_args([]).model, parse_args([]).data):
-        raise ValueError("--demo makes its own model and data (in --out): drop --model and --data")
+    if args.demo:
+        defaults = parse_args([])
+        if (args.model, args.data) != (defaults.model, defaults.data):
+            raise ValueError("--demo makes its own model and data (in --out): drop --model and --data")
     if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
         raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
                          "are Ouroboros options")

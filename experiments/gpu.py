@@ -140,6 +140,12 @@ def config_folder(plan):
         yield Path(tmp)
 
 
+def smoke_compile(plan):
+    """In the smoke run, torch.compile with a backend a CPU builds in seconds (as on the GPU, dynamo traces)."""
+    if plan.compile_backend:
+        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
+
+
 def sync(plan):
     if plan.device == "cuda":
         torch.cuda.synchronize()
@@ -240,8 +246,7 @@ class Tee(io.TextIOBase):
 def train_benchmark(plan, depth, *flags):
     """train.py --benchmark in this process, with random frozen weights of the plan's shape; its
     printed median tok/s and MFU, and this process's peak memory."""
-    if plan.compile_backend:  # smoke: --compile's torch.compile(model), with a backend a CPU builds in seconds
-        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
+    smoke_compile(plan)  # --compile's torch.compile(model)
     with config_folder(plan) as model, tempfile.TemporaryDirectory() as out:
         argv = ["--benchmark", "--model", str(model), "--depth", str(depth), "--rank", "8", "--seq-len",
                 str(plan.seq_len), "--batch-size", str(plan.batch), "--grad-accum", "1", "--steps", str(plan.steps),
@@ -317,8 +322,8 @@ def decode(plan, compile=False):
     over the new tokens after the first. Each prompt is decoded twice and the second is timed: the
     first pays for the kernels' first calls and, with compile, for compiling (the graph is made for
     the caches' length, prompt + new tokens). Eager, also the aten ops of one decoded token."""
-    if compile and plan.compile_backend:  # smoke: a backend a CPU builds in seconds
-        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
+    if compile:
+        smoke_compile(plan)
     torch.manual_seed(0)
     model = ob.Ouroboros.from_config(plan.config, device=plan.device, dtype=getattr(torch, plan.dtype), rank=8)
     figures = dict(new_tokens=plan.new_tokens)
@@ -368,8 +373,7 @@ def authors(plan):
     it (pure bf16, depth 4 of their variable depths, labels shifted inside), and ours as train.py runs
     it (bf16 frozen weights, float32 trainables, the loss alone); each eager, then compiled."""
     import gc
-    if plan.compile_backend:  # smoke: a backend a CPU builds in seconds
-        torch.compile = functools.partial(torch.compile, backend=plan.compile_backend)
+    smoke_compile(plan)
     ours = sys.modules.pop("ouroboros")  # their package has our file's name: imported under it, then ours put back
     sys.path.insert(0, str(Path(plan.authors).resolve()))
     try:
@@ -438,6 +442,14 @@ TRAINING = (("tok_per_s", "tokens/s", ",.0f"), ("mfu_percent", "MFU %", ".1f"),
             ("peak_reserved_gb", "peak memory reserved, GB", ".2f"), ("command", "command", ""))
 
 
+def decoding(speed):
+    """The figures of a decoding stage: new tokens, and for each prompt its length, prefill and speed."""
+    return (("new_tokens", "new tokens", "d"),
+            *((f"{name}_{key}", f"{name} prompt: {label}", spec) for name in ("short", "long")
+              for key, label, spec in (("prompt_tokens", "tokens", ",d"), ("prefill_s", "prefill, s", ".3f"),
+                                       ("decode_tok_per_s", speed, ",.1f"))))
+
+
 @dataclass(frozen=True)
 class Stage:
     name: str
@@ -467,17 +479,10 @@ STAGES = [
                                                                 ("trainable", "trainable", ",d"))),
                                     *((f"{mode}_{what}_ours_over_authors", f"{mode}: {what}, ours / authors'", ".2f")
                                       for mode in ("eager", "compiled") for what in ("speed", "memory")))),
-    Stage("decode", 60, decode, (("new_tokens", "new tokens", "d"),
-                                 *((f"{name}_{key}", f"{name} prompt: {label}", spec) for name in ("short", "long")
-                                   for key, label, spec in (("prompt_tokens", "tokens", ",d"),
-                                                            ("prefill_s", "prefill, s", ".3f"),
-                                                            ("decode_tok_per_s", "decode tokens/s", ",.1f"))),
+    Stage("decode", 60, decode, (*decoding("decode tokens/s"),
                                  ("ops_per_token", "aten ops per decoded token (eager)", ",d"),
                                  ("work_ops_per_token", "of them not views", ",d"))),
-    Stage("decode-compile", 180, lambda plan: decode(plan, compile=True), (("new_tokens", "new tokens", "d"), *(
-        (f"{name}_{key}", f"{name} prompt: {label}", spec) for name in ("short", "long")
-        for key, label, spec in (("prompt_tokens", "tokens", ",d"), ("prefill_s", "prefill, s", ".3f"),
-                                 ("decode_tok_per_s", "decode tokens/s (compiled)", ",.1f"))))),
+    Stage("decode-compile", 180, lambda plan: decode(plan, compile=True), decoding("decode tokens/s (compiled)")),
     Stage("train-deep", 60, lambda plan: train_benchmark(plan, plan.deep, "--checkpointing", "--no-compile"),
           TRAINING),
     Stage("load", 90, load, (("checkpoint_gb", "checkpoint size, GB", ".3g"),

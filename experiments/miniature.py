@@ -583,8 +583,12 @@ def main(argv=None):
 def study(args):
     if args.corpus and not Path(args.corpus).is_dir():
         raise FileNotFoundError(f"--corpus {args.corpus}: no such folder")
-    if args.corpus and not any(f.suffix in prepare.TEXT + prepare.RECORDS for f in Path(args.corpus).rglob("*")):
-        raise ValueError(f"--corpus {args.corpus}: no {', '.join(prepare.TEXT + prepare.RECORDS)} file in it")
+    if args.corpus:
+        try:  # the files data/prepare.py will read (hidden ones left out), before any stage
+            prepare.find_inputs([args.corpus])
+        except ValueError:  # its message offers prepare.py's --ext, which the study has not
+            raise ValueError(f"--corpus {args.corpus}: no {', '.join(prepare.TEXT + prepare.RECORDS)} file in "
+                             "it") from None
     budget = QUICK if args.quick else FULL
     work = Path(args.work or ("out/miniature-quick" if args.quick else "out/miniature"))
     results = Path(args.results or (work / "results" if args.quick else HERE / "results"))
