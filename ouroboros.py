@@ -29,32 +29,24 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
     python train.py --depth 4 --rank 8                                      # train
     pytest test_ouroboros.py                                                # test
 
-Part 1, the method, in the paper's order: config → Qwen2 blocks → Qwen2 → surgery and SVD
-bases → Controller → the recurrent model (gate, per-step norms, the loop) → generation.
-Part 2, engineering and beyond the paper: the fused loss and MLP kernels, per-token halting,
-coda adapters, FLOP counting, loading, input checks and the command line. Part 1 can be read
-without Part 2.
+Part 1 is the method in plain PyTorch, in the paper's order: config → Qwen2 → surgery and SVD
+bases → Controller → the recurrent model (gate, per-step norms, the loop) → loading → generation.
+It runs on its own: cut the file at the PART 2 banner, and what is left loads a checkpoint,
+trains and generates, with the same numbers to float32 round-off (a test runs it so).
+Part 2 plugs into Part 1 what a paper leaves out: kernels that keep less for backward, mixed
+precision, per-token halting, coda adapters, checkpointing, compiled decoding, the checks of
+every input, FLOP counting and the command line.
 """
-import argparse
-import contextlib
-import inspect
 import json
-import math
 import os
-import sys
-import time
-from dataclasses import asdict, dataclass, fields, MISSING
-from functools import partial
-from itertools import repeat
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
+from safetensors import safe_open
 from safetensors.torch import save_file
-from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils.checkpoint import checkpoint
 
 # The seven projections of a layer that get a LoRA basis, named as in the checkpoint.
 TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -86,18 +78,13 @@ class Qwen2Config:
     def head_dim(self):
         return self.hidden_size // self.num_attention_heads
 
-    def __post_init__(self):
-        check_config(self)  # heads that split the hidden size evenly, and so on (Part 2)
-
     @classmethod
     def from_pretrained(cls, path):
-        file = Path(path) / "config.json"
-        return cls.from_dict(read_json(file, "a Hugging Face checkpoint directory has one"), source=file)
+        return cls.from_dict(json.loads((Path(path) / "config.json").read_text()))
 
     @classmethod
-    def from_dict(cls, raw, source="config"):
-        """The config of a config.json, once it is known to describe a model this file implements."""
-        return config_from_dict(cls, raw, source)  # Part 2: what is refused, and why
+    def from_dict(cls, raw):
+        return cls(**{name: raw[name] for name in cls.__dataclass_fields__ if name in raw})
 
     def to_dict(self):
         """config.json contents, as transformers 4.x writes them."""
@@ -140,24 +127,10 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat([-x2, x1], -1) * sin
 
 
-class Linear(nn.Linear):
-    """nn.Linear that can carry a frozen LoRA basis (set by the surgery on the looped layer).
-
-    Given the modulation c (..., 7, r) of all targets, it adds its own slice:
-    y = x Wᵀ + b + ((x Aᵀ) ⊙ c_t) Bᵀ, i.e. ΔW = B diag(c_t) A (c_t already carries α/r).
-    """
-
-    def __init__(self, *args, slot, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.register_buffer("lora_A", None, persistent=False)  # (r, in), frozen
-        self.register_buffer("lora_B", None, persistent=False)  # (out, r), frozen
-        self.lora_slot = slot  # which of the 7 targets this projection is: TARGETS[slot]
-
-    def forward(self, x, c=None):
-        y = F.linear(x, self.weight, self.bias)
-        if c is None or self.lora_A is None:
-            return y
-        return y + ((x @ self.lora_A.T) * c[..., self.lora_slot, :]) @ self.lora_B.T
+def project(linear, x, c):
+    """linear(x). Only the looped layer's projections take a modulation c: the surgery makes them
+    LoRALinear, and the loop passes c; every other layer is called with c = None."""
+    return linear(x) if c is None else linear(x, c)
 
 
 class Attention(nn.Module):
@@ -165,26 +138,26 @@ class Attention(nn.Module):
         super().__init__()
         d, hd = cfg.hidden_size, cfg.head_dim
         self.n_head, self.n_kv, self.hd = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = Linear(d, self.n_head * hd, bias=True, slot=0)
-        self.k_proj = Linear(d, self.n_kv * hd, bias=True, slot=1)
-        self.v_proj = Linear(d, self.n_kv * hd, bias=True, slot=2)
-        self.o_proj = Linear(self.n_head * hd, d, bias=False, slot=3)
+        self.q_proj = nn.Linear(d, self.n_head * hd, bias=True)
+        self.k_proj = nn.Linear(d, self.n_kv * hd, bias=True)
+        self.v_proj = nn.Linear(d, self.n_kv * hd, bias=True)
+        self.o_proj = nn.Linear(self.n_head * hd, d, bias=False)
 
     def forward(self, x, cos_sin, cache=None, c=None):
         B, T, _ = x.shape
-        q = self.q_proj(x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
+        q = project(self.q_proj, x, c).view(B, T, self.n_head, self.hd).transpose(1, 2)  # (B, nh, T, hd)
         k, v, mask = self.keys_values(x, cos_sin, cache, c)  # (B, n_kv, keys, hd) each
         # Causal over the sequence (training, the prompt); a decoded token attends to the keys the
         # cache holds (mask). enable_gqa: the n_kv heads serve n_head queries without repeating K and V.
         y = F.scaled_dot_product_attention(apply_rope(q, *cos_sin), k, v, attn_mask=mask, is_causal=mask is None,
                                            enable_gqa=True)  # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
+        return project(self.o_proj, y.transpose(1, 2).reshape(B, T, -1), c)  # (B, T, d)
 
     def keys_values(self, x, cos_sin, cache=None, c=None):
         """K (rotated) and V of x, and no mask; with a cache, what KVCache.update gives."""
         B, T, _ = x.shape
-        k = self.k_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
-        v = self.v_proj(x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        k = project(self.k_proj, x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
+        v = project(self.v_proj, x, c).view(B, T, self.n_kv, self.hd).transpose(1, 2)  # (B, n_kv, T, hd)
         k = apply_rope(k, *cos_sin)
         return cache.update(k, v) if cache is not None else (k, v, None)
 
@@ -193,12 +166,15 @@ class MLP(nn.Module):
     def __init__(self, cfg):
         super().__init__()
         d, i = cfg.hidden_size, cfg.intermediate_size
-        self.gate_proj, self.up_proj = Linear(d, i, bias=False, slot=4), Linear(d, i, bias=False, slot=5)
-        self.down_proj = Linear(i, d, bias=False, slot=6)
+        self.gate_proj, self.up_proj = nn.Linear(d, i, bias=False), nn.Linear(d, i, bias=False)
+        self.down_proj = nn.Linear(i, d, bias=False)
 
     def forward(self, x, c=None):
-        # silu(gate) * up; SwiGLU (Part 2) computes exactly that and keeps less for backward
-        return self.down_proj(SwiGLU.apply(self.gate_proj(x, c), self.up_proj(x, c)), c)
+        return project(self.down_proj, self.swiglu(project(self.gate_proj, x, c), project(self.up_proj, x, c)), c)
+
+    @staticmethod
+    def swiglu(gate, up):
+        return F.silu(gate) * up
 
 
 class Block(nn.Module):
@@ -239,20 +215,7 @@ class Qwen2(nn.Module):
     def from_pretrained(cls, path, layers=None, device=None, dtype=None):
         cfg = Qwen2Config.from_pretrained(path)
         device, dtype = placement(device, dtype)
-        return load_frozen(cls.on_meta(cfg, layers), Checkpoint(path, cfg, device).read, dtype)
-
-    @classmethod
-    def from_config(cls, cfg, layers=None, device=None, dtype=None):
-        """Random weights (speed and memory do not depend on the values)."""
-        device, dtype = placement(device, dtype)
-        return load_frozen(cls.on_meta(cfg, layers), random_weights(cfg, device), dtype)
-
-    def save_pretrained(self, path):
-        """config.json and model.safetensors in the Hugging Face layout: from_pretrained reads them."""
-        Path(path).mkdir(parents=True, exist_ok=True)
-        save_atomic({k: v.detach().contiguous() for k, v in self.state_dict().items()},
-                    Path(path) / "model.safetensors", {"format": "pt"})
-        write_json(Path(path) / "config.json", self.cfg.to_dict())
+        return load_frozen(cls.on_meta(cfg, layers), Checkpoint(path, device).read, dtype)
 
     @classmethod
     def on_meta(cls, cfg, layers=None):
@@ -261,12 +224,17 @@ class Qwen2(nn.Module):
             return cls(cfg, layers)
 
     def embed(self, idx, caches=None):
-        """Token embeddings (B, T, d) and the rotary table of their positions."""
-        check_idx(idx)
-        T = idx.size(1)
-        pos = torch.arange(T, device=idx.device) + (caches[0].position.at if caches else 0)  # (T,)
+        """Token embeddings (B, T, d) and the rotary table of their positions; when generating, the
+        positions go on from where the caches are."""
+        pos = torch.arange(idx.size(1), device=idx.device) + (caches.position.at if caches is not None else 0)
         h = self.model.embed_tokens(idx)  # (B, T, d)
         return h, rope(self.cfg, pos, h.dtype)
+
+    def run(self, layers, h, cos_sin, caches=None):
+        """h through the kept layers numbered `layers`, each with a KV cache of its own when generating."""
+        for i in layers:
+            h = self.model.layers[str(i)](h, cos_sin, cache_of(caches, f"layer {i}"))
+        return h
 
     def head(self, h, targets=None, return_logits=True):
         """Final norm, logits (B, T, vocab), and the mean cross-entropy over targets != -100.
@@ -274,17 +242,20 @@ class Qwen2(nn.Module):
         w = self.model.embed_tokens.weight if self.cfg.tie_word_embeddings else self.lm_head.weight
         if targets is None:
             return F.linear(self.model.norm(h), w), None
-        check_targets(targets, h)
-        # F.cross_entropy(logits, targets), computed a block of the vocabulary at a time (Part 2)
-        return linear_cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
+        return self.cross_entropy(self.model.norm(h), w, targets, return_logits=return_logits)
+
+    @staticmethod
+    def cross_entropy(x, w, targets, return_logits=True):
+        """(logits, loss) of x (..., d) against the output matrix W (vocab, d)."""
+        logits = F.linear(x, w)
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+        return (logits if return_logits else None), loss
 
     def forward(self, idx, targets=None, caches=None, return_logits=True):
         """With caches (generation), only the last position's logits are computed."""
         h, cos_sin = self.embed(idx, caches)
-        kv = iter(caches) if caches else repeat(None)  # one cache per attention call, in order
-        for layer in self.model.layers.values():
-            h = layer(h, cos_sin, next(kv))
-        return self.head(h[:, -1:] if caches else h, targets, return_logits)
+        h = self.run(self.model.layers, h, cos_sin, caches)
+        return self.head(h[:, -1:] if caches is not None else h, targets, return_logits)
 
 # ----------------------------------------------------------------------------------------
 # Surgery and SVD bases
@@ -310,6 +281,25 @@ def svd_basis(delta, rank):
     """Best rank-r factors of Δ (out, in): A = Vᵀ[:r] (r, in), B = U[:, :r] diag(S[:r]) (out, r)."""
     U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
     return Vh[:rank].clone(), U[:, :rank] * S[:rank]
+
+
+class LoRALinear(nn.Module):
+    """One of layer R's seven projections after the surgery: its frozen weight and bias, and a frozen
+    LoRA basis A (r, in), B (out, r). Given the modulation c (..., 7, r) of all seven, it adds its own
+    slice: y = x Wᵀ + b + ((x Aᵀ) ⊙ c_t) Bᵀ, i.e. ΔW = B diag(c_t) A (c_t already carries α/r)."""
+
+    def __init__(self, linear, A, B, slot):
+        super().__init__()
+        self.weight, self.bias = linear.weight, linear.bias  # the same tensors, under the same names
+        self.register_buffer("lora_A", A, persistent=False)
+        self.register_buffer("lora_B", B, persistent=False)
+        self.slot = slot  # which of the 7 targets this projection is: TARGETS[slot]
+
+    def forward(self, x, c=None):
+        y = F.linear(x, self.weight, self.bias)
+        if c is None:
+            return y
+        return y + ((x @ self.lora_A.T) * c[..., self.slot, :]) @ self.lora_B.T
 
 # ----------------------------------------------------------------------------------------
 # Controller: the hypernetwork that makes each recurrence step input-dependent
@@ -337,7 +327,7 @@ class Controller(nn.Module):
 class StaticModulation(nn.Module):
     """Ablation "static per-step LoRA": c[s, t] is a learned table that ignores the input."""
 
-    def __init__(self, rank, max_steps):
+    def __init__(self, d, rank, max_steps, E):
         super().__init__()
         self.table = nn.Parameter(torch.zeros(max_steps, len(TARGETS), rank))
 
@@ -348,64 +338,36 @@ class StaticModulation(nn.Module):
 # The recurrent model: prelude, gated and normalised loop over layer R, coda
 
 
-def prefix_sums(x, block=64):
-    """x.cumsum(1) for x (B, T, d), as two matmuls instead of a scan over T (a GPU runs a scan over a
-    middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
-    sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
-    B, T, d = x.shape
-    if T == 1:  # decoding: one position is its own prefix
-        return x
-    block = min(block, T)
-    blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
-    n = blocks.size(1)
-    with torch.autocast(x.device.type, enabled=False):  # in x's dtype: bf16 sums of thousands of terms drift
-        within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
-        before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
-    return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
-
-
 class Ouroboros(nn.Module):
     """Prelude, `depth` gated and normalised steps of the modulated layer R, coda.
 
-    Build it with from_pretrained (a checkpoint) or from_config (random frozen weights).
-    The constructor alone makes the trainables and an empty (meta) frozen trunk; `build`
-    fills the trunk and attaches the SVD bases. `halting` and `coda_rank` are beyond the
-    paper (Part 2); both are off by default."""
+    Build it with from_pretrained. The constructor makes the trainables (the paper's: Controller,
+    gate, per-step norms) and an empty (meta) frozen trunk; `build` fills the trunk from the
+    checkpoint and does the surgery."""
+    CONTROLLERS = {"dynamic": Controller, "static": StaticModulation, "none": None}
 
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
                  controller="dynamic", pool="causal", gate=True, step_norm=True, max_steps=MAX_STEPS,
-                 controller_width=128, halting=False, coda_rank=0):
+                 controller_width=128):
         super().__init__()
-        check_options(controller, pool, max_steps)
         L, d = cfg.num_hidden_layers, cfg.hidden_size
         P, R, C, self.removed = split_layers(L, prelude, recurrent, coda)
         self.cfg, self.prelude, self.recurrent, self.coda = cfg, range(P), R, range(L - C, L)
         self.options = dict(rank=rank, alpha=alpha, prelude=P, recurrent=R, coda=C, controller=controller,
                             pool=pool, gate=gate, step_norm=step_norm, max_steps=max_steps,
-                            controller_width=controller_width, halting=halting, coda_rank=coda_rank)
+                            controller_width=controller_width)
         with torch.device("meta"):  # the frozen trunk is filled from the checkpoint later
             self.base = Qwen2(cfg, layers=[*self.prelude, R, *self.coda])
-        check_rank(self.layer, rank)
         self.scale = alpha / rank  # the α/r of ΔW = (α/r) B diag(c) A
-        if controller == "dynamic":
-            self.controller = Controller(d, rank, max_steps, controller_width)
-        elif controller == "static":
-            self.controller = StaticModulation(rank, max_steps)
-        elif controller == "blind":  # a control (Part 2): the Controller's network, its input zeroed
-            self.controller = BlindController(d, rank, max_steps, controller_width)
-        else:  # "none", the ablation "loop alone": layer R looped as it is; only gate and norms train
-            self.controller = None
+        # c_s; controller="none" is the ablation "loop alone": layer R looped as it is, only gate and norms train
+        kind = self.CONTROLLERS[controller]
+        self.controller = kind(d, rank, max_steps, controller_width) if kind else None
         self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
         self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
         if gate:
             nn.init.zeros_(self.gate.weight)
             nn.init.constant_(self.gate.bias, -2.0)  # σ(-2) = 0.1192: 88% of h is kept at init
         self.step_norms = nn.Parameter(torch.ones(max_steps, d)) if step_norm else None  # one RMSNorm weight per step
-        # Beyond the paper (Part 2, both off by default): a halting head, and LoRA adapters on the coda.
-        self.halt = Halting.head(d) if halting else None
-        self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
-        self.adapters = Adapter.on_coda(self, coda_rank, alpha) if coda_rank else None
-        self.checkpointing = False  # True: recompute each step in backward instead of storing it
 
     @property
     def layer(self):
@@ -415,48 +377,46 @@ class Ouroboros(nn.Module):
     def from_pretrained(cls, path, device=None, dtype=None, **options):
         cfg = Qwen2Config.from_pretrained(path)
         device, dtype = placement(device, dtype)
-        return cls.build(cfg, Checkpoint(path, cfg, device).read, device, dtype, options)
-
-    @classmethod
-    def from_config(cls, cfg, device=None, dtype=None, **options):
-        """Random frozen weights; on device="meta" nothing is allocated (for counting)."""
-        device, dtype = placement(device, dtype)
-        return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
+        return cls.build(cfg, Checkpoint(path, device).read, device, dtype, options)
 
     @classmethod
     def build(cls, cfg, read, device, dtype, options):
+        """The model with its trunk read by read(name), and the surgery: layer R's seven projections
+        get their LoRA bases. Only the 17 kept layers are held; the removed ones are read one tensor
+        at a time, for the bases, and never all in memory."""
         with torch.device(device):
             model = cls(cfg, **options)  # trainables: float32, initialised on the device
-        load_frozen(model.base, read, dtype)  # only the 17 kept layers are read here
-        # SVD bases: Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32. The
-        # removed layers are streamed one tensor at a time: they are never all in memory.
-        for t in TARGETS:
-            lin = model.layer.get_submodule(t)
+        load_frozen(model.base, read, dtype)
+        # Δ_t = mean over removed layers i of (W_t[i] - W_t[R]), in float32; its best rank-r factors.
+        for slot, t in enumerate(TARGETS):
+            linear = model.layer.get_submodule(t)
             total = sum(read(f"model.layers.{i}.{t}.weight").float() for i in model.removed)
-            A, B = svd_basis(total / len(model.removed) - lin.weight.float(), model.options["rank"])
-            lin.lora_A, lin.lora_B = A.to(dtype), B.to(dtype)
+            A, B = svd_basis(total / len(model.removed) - linear.weight.float(), model.options["rank"])
+            model.layer.set_submodule(t, LoRALinear(linear, A.to(dtype), B.to(dtype), slot))
         return model
+
+    def pooled(self, h, cache=None):
+        """p, what the Controller reads, in float32: the mean of h over the whole sequence (pool="mean",
+        the paper's: every position sees the future), or over positions 0..τ for each position τ
+        (causal). When generating, the step's cache carries the sum of the positions before."""
+        if self.pool == "mean":
+            return h.float().mean(1, keepdim=True)  # (B, 1, d)
+        sums = self.prefix_sums(h.float())  # (B, T, d): h_0 + ... + h_τ
+        count = torch.arange(1, h.size(1) + 1, device=h.device)  # τ + 1, (T,)
+        if cache is not None:
+            sums, count = cache.running_sum(sums, count)
+        return sums / count[:, None]  # (B, T, d)
+
+    @staticmethod
+    def prefix_sums(x):
+        return x.cumsum(1)
 
     def modulation(self, h, s, cache=None):
         """c_s, scaled by α/r: (B, T, 7, r) per position for the causal pool, (B, 1, 7, r) per
         sequence for the mean pool, (7, r) for the static table, None with no controller."""
         if self.controller is None:
             return None
-        if isinstance(self.controller, StaticModulation):
-            return self.scale * self.controller(None, s)
-        if self.pool == "mean":  # the paper's: every position sees the whole sequence
-            p = h.float().mean(1, keepdim=True)  # (B, 1, d)
-        else:  # causal: p_τ = mean(h_0 .. h_τ); while decoding, the cache holds the sum so far
-            running = prefix_sums(h.float())  # (B, T, d)
-            count = torch.arange(1, h.size(1) + 1, device=h.device)  # τ + 1, (T,)
-            if cache is not None and cache.h_sum is not None:  # a decoded token: the sum before it, and it
-                running = running + cache.h_sum
-                cache.h_sum.copy_(running)
-                count = (cache.position.at + 1).view(1)
-            elif cache is not None:  # the prompt starts the running sum
-                cache.h_sum = running[:, -1:].clone()
-            p = running / count[:, None]
-        return self.scale * self.controller(p, s)
+        return self.scale * self.controller(self.pooled(h, cache), s)
 
     def step(self, h, s, cos_sin, cache=None):
         """One recurrence step: modulated layer R, per-step norm, gated update."""
@@ -469,29 +429,19 @@ class Ouroboros(nn.Module):
         return g * h_new + (1 - g) * h
 
     def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
-        """Logits and loss after `depth` loop steps (with halting: at most `depth`)."""
-        if not 1 <= depth <= self.options["max_steps"]:
-            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
-        layers, frozen = self.base.model.layers, self.base.model.norm.weight
-        kv = iter(caches) if caches else repeat(None)  # calls: prelude, each step, coda
-        # --checkpointing recomputes each step in backward: memory of one step, not of `depth`
-        step = partial(checkpoint, self.step, use_reentrant=False) if (
-            self.checkpointing and torch.is_grad_enabled()) else self.step
-        # Trainables keep float32 master weights; they compute in the frozen weights' dtype.
-        with torch.autocast(frozen.device.type, frozen.dtype, enabled=frozen.dtype != torch.float32):
-            with torch.no_grad():  # the prelude is frozen and nothing before it trains
-                h, cos_sin = self.base.embed(idx, caches)
-                for i in self.prelude:
-                    h = layers[str(i)](h, cos_sin, next(kv))
-            if self.halt is None:  # the loop: h ← step_s(h) for s = 0 .. depth-1
-                for s in range(depth):
-                    h = step(h, s, cos_sin, next(kv))
-            else:  # beyond the paper: each position stops when its halting head says so
-                h = Halting.loop(self, h, depth, cos_sin, kv, step)
-            with Adapter.acting(self.adapters):  # beyond the paper: coda adapters, if any, act here only
-                for i in self.coda:
-                    h = layers[str(i)](h, cos_sin, next(kv))
-            return self.base.head(h[:, -1:] if caches else h, targets, return_logits)
+        """Logits and loss after `depth` loop steps. When generating (caches), the last position's logits."""
+        with torch.no_grad():  # the prelude is frozen and nothing before it trains
+            h, cos_sin = self.base.embed(idx, caches)
+            h = self.base.run(self.prelude, h, cos_sin, caches)
+        h = self.loop(h, depth, cos_sin, caches)
+        h = self.base.run(self.coda, h, cos_sin, caches)
+        return self.base.head(h[:, -1:] if caches is not None else h, targets, return_logits)
+
+    def loop(self, h, depth, cos_sin, caches=None):
+        """The recurrence: h ← step_s(h) for s = 0 .. depth-1. Each step attends to its own past."""
+        for s in range(depth):
+            h = self.step(h, s, cos_sin, cache_of(caches, f"step {s}"))
+        return h
 
     def baseline(self, idx, targets=None, return_logits=True):
         """The pruned model with no loop: prelude, layer R once, coda ("17-layer baseline")."""
@@ -510,10 +460,53 @@ class Ouroboros(nn.Module):
         save_atomic(tensors, file, meta)
 
     def load_trainable(self, file):
-        check_trainable(file, self.options, self.cfg, self)  # the same options, base config and shapes
         with safe_open(file, framework="pt", device="cpu") as f, torch.no_grad():
             for name, p in self.named_trainable():
                 p.copy_(f.get_tensor(name))
+
+# ----------------------------------------------------------------------------------------
+# Loading: safetensors straight to the device, one tensor at a time
+
+
+def placement(device, dtype):
+    """Defaults: CUDA with bf16 frozen weights when there is a GPU, else CPU in float32."""
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+
+
+class Checkpoint:
+    """A Hugging Face checkpoint directory: model.safetensors, or an index and its shards.
+    Tensors are read by name, straight to `device`, and only when asked for."""
+
+    def __init__(self, path, device):
+        self.path, self.device, self.open_files = Path(path), device, {}
+        index = self.path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            self.where = {name: self.path / file for name, file in weight_map.items()}
+        else:
+            file = self.path / "model.safetensors"
+            self.where = dict.fromkeys(self.open(file).keys(), file)
+
+    def open(self, file):
+        if file not in self.open_files:
+            self.open_files[file] = safe_open(file, framework="pt", device=str(self.device))
+        return self.open_files[file]
+
+    def read(self, name):
+        return self.open(self.where[name]).get_tensor(name)
+
+
+def load_frozen(module, read, dtype):
+    """Fill a module built on the meta device from read(name); every tensor frozen."""
+    module.load_state_dict({name: read(name).to(dtype) for name in module.state_dict()}, assign=True)
+    return module.requires_grad_(False)
+
+
+def save_atomic(tensors, file, metadata=None):
+    """safetensors to file.tmp, then a rename: never a half-written file."""
+    save_file(tensors, f"{file}.tmp", metadata=metadata)
+    os.replace(f"{file}.tmp", file)
 
 # ----------------------------------------------------------------------------------------
 # Generation: prefill, then one token at a time with a KV cache per attention call
@@ -537,9 +530,9 @@ class Position:
 
 class KVCache:
     """Keys and values of one attention call, allocated for every position by the prompt (the prefill),
-    then written one decoded token at a time, in place. The looped layer gets one per recurrence step
-    (each step attends to its own past), and there the causal Controller's running sum of h rides along
-    (h_sum). After the prefill nothing changes shape: one compiled decoding step serves every token."""
+    then written one decoded token at a time, in place. After the prefill nothing changes shape: one
+    compiled decoding step serves every token. A loop step's cache also carries the causal pool's
+    running sum of h (h_sum)."""
 
     def __init__(self, position):
         self.position, self.k, self.v, self.h_sum = position, None, None, None
@@ -549,16 +542,39 @@ class KVCache:
         B, n_kv, T, hd = k.shape
         if self.k is None:  # the prompt, at 0..T-1: it attends to itself, causally (no mask)
             max_len = len(self.position.keys)
-            if T > max_len:
-                raise ValueError(f"KV cache: a prompt of {T} positions, room for {max_len}")
             self.k, self.v = k.new_zeros(B, n_kv, max_len, hd), v.new_zeros(B, n_kv, max_len, hd)
             self.k[:, :, :T], self.v[:, :, :T] = k, v
             return k, v, None
-        if T != 1:
-            raise ValueError(f"KV cache: {T} new positions after the prompt; decode one position at a time")
         self.k.index_copy_(2, self.position.at.view(1), k)
         self.v.index_copy_(2, self.position.at.view(1), v)
         return self.k, self.v, self.position.seen  # (B, n_kv, max_len, hd) each, and (1, max_len)
+
+    def running_sum(self, sums, count):
+        """The causal pool's sums and counts with the positions before: the prompt's prefix sums start
+        the running sum; a decoded token's state is added to it."""
+        if self.h_sum is None:
+            self.h_sum = sums[:, -1:].clone()
+            return sums, count
+        self.h_sum.add_(sums)
+        return self.h_sum, (self.position.at + 1).view(1)
+
+
+class Caches:
+    """The KV caches of one generation, by attention call: "layer 3" for a kept layer of the trunk,
+    "step 2" for a step of the loop (each step attends to its own past). Each is made on first use."""
+
+    def __init__(self, position):
+        self.position, self.calls = position, {}
+
+    def __getitem__(self, name):
+        if name not in self.calls:
+            self.calls[name] = KVCache(self.position)
+        return self.calls[name]
+
+
+def cache_of(caches, name):
+    """The cache of one attention call when generating; None in training and evaluation."""
+    return None if caches is None else caches[name]
 
 
 def sample(logits, temperature=1.0, top_k=None):
@@ -572,12 +588,6 @@ def sample(logits, temperature=1.0, top_k=None):
     return torch.multinomial(F.softmax(logits, -1), 1)
 
 
-# Attention while decoding. A GPU profile found cuDNN's kernel building a new plan at every decoded
-# token, when the key length grew with each; the static caches now keep one length, which may make it
-# fast again: until a GPU run says so, decoding leaves it out.
-DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
-
-
 def next_logits(model, x, caches, depth):
     """Logits (B, vocab) of the token after x (B, T), the caches holding every position before x."""
     logits, _ = model(x, depth, caches=caches) if isinstance(model, Ouroboros) else model(x, caches=caches)
@@ -585,34 +595,41 @@ def next_logits(model, x, caches, depth):
 
 
 @torch.no_grad()
-def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, compile=False):
+def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, decode=next_logits):
     """Yield the new tokens (B, 1) one by one; the first comes after the prompt's prefill.
-    compile=True: the decoding step is compiled once the prefill has filled the caches (Part 2)."""
-    check_prompt(model, idx, max_new_tokens, temperature, top_k)
-    calls = len(model.prelude) + depth + len(model.coda) if isinstance(model, Ouroboros) else len(model.model.layers)
+    decode(model, x, caches, depth) gives the next logits (Part 2 passes a compiled one)."""
     position = Position(idx.size(1) + max_new_tokens, idx.device)
-    caches = [KVCache(position) for _ in range(calls)]  # one per attention call
-    x, step = idx, next_logits
-    for i in range(max_new_tokens):
-        with sdpa_kernel(DECODE_ATTENTION):
-            logits = step(model, x, caches, depth)  # (B, vocab)
+    caches, x = Caches(position), idx
+    for _ in range(max_new_tokens):
+        logits = decode(model, x, caches, depth)  # (B, vocab)
         position.advance(x.size(1))
         x = sample(logits, temperature, top_k)  # (B, 1)
-        if compile and i == 0:
-            step = compiled_decoding(caches)
         yield x
 
 
-def generate(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, compile=False):
-    """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens)."""
-    return torch.cat([idx, *stream(model, idx, max_new_tokens, depth, temperature, top_k, compile)], 1)
-
+def generate(model, idx, max_new_tokens, *args, **kwargs):
+    """Continue idx (B, T) by max_new_tokens; returns (B, T + max_new_tokens). The other arguments are stream's."""
+    return torch.cat([idx, *stream(model, idx, max_new_tokens, *args, **kwargs)], 1)
 
 # ========================================================================================
 # PART 2: ENGINEERING AND BEYOND THE PAPER
 # Nothing here is needed to follow the method: what makes it lean, fast and safe, the two
-# extensions that are off by default, and the command line.
+# extensions that are off by default, and the command line. It plugs into Part 1 at the end
+# ("Part 1 with Part 2 plugged in"): each class there subclasses Part 1's class of the same
+# name, and each function wraps Part 1's, so that the whole file builds and runs these.
 # ========================================================================================
+import argparse  # noqa: E402
+import contextlib  # noqa: E402
+import inspect  # noqa: E402
+import math  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
+from dataclasses import fields, MISSING  # noqa: E402
+from functools import partial  # noqa: E402
+
+from safetensors import SafetensorError  # noqa: E402
+from torch.nn.attention import SDPBackend, sdpa_kernel  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 # ----------------------------------------------------------------------------------------
 # Kernels: the MLP's product and the loss, with less kept for backward
@@ -714,10 +731,27 @@ def linear_cross_entropy(x, w, targets, block=4096, return_logits=True):
     with return_logits=False (training needs only the loss: no (tokens × vocab) tensor at all).
     The gradient of x is made in the forward pass only where autograd will ask for it. Under
     autocast, x and W are cast here, as autocast casts them for x Wᵀ."""
+    check_targets(targets, x)
     if torch.is_autocast_enabled(x.device.type):
         dtype = torch.get_autocast_dtype(x.device.type)
         x, w = x.to(dtype), w.to(dtype)
     return LinearCrossEntropy.apply(x, w, targets, torch.is_grad_enabled(), block, return_logits)
+
+
+def prefix_sums(x, block=64):
+    """x.cumsum(1) for x (B, T, d), as two matmuls instead of a scan over T (a GPU runs a scan over a
+    middle dimension slowly): within each block of positions, a lower-triangular matrix of ones
+    sums the block's prefix; across blocks, a strictly lower one adds the totals of the blocks before."""
+    B, T, d = x.shape
+    if T == 1:  # decoding: one position is its own prefix
+        return x
+    block = min(block, T)
+    blocks = F.pad(x, (0, 0, 0, -T % block)).view(B, -1, block, d)  # (B, n, block, d), zeros at the end
+    n = blocks.size(1)
+    with torch.autocast(x.device.type, enabled=False):  # in x's dtype: bf16 sums of thousands of terms drift
+        within = torch.ones(block, block, device=x.device, dtype=x.dtype).tril() @ blocks  # (B, n, block, d)
+        before = torch.ones(n, n, device=x.device, dtype=x.dtype).tril(-1) @ within[:, :, -1]  # (B, n, d)
+    return (within + before[:, :, None]).view(B, -1, d)[:, :T]  # (B, T, d)
 
 # ----------------------------------------------------------------------------------------
 # Compiled decoding (gpt-fast's recipe): static caches, one graph, CUDA graphs on a GPU
@@ -728,11 +762,32 @@ def compiled_decoding(caches):
     are updated in place (KVCache), so a single graph serves every token; their tensors are marked as
     fixed in memory, so that on a GPU the graph is captured once as a CUDA graph and replayed
     ("reduce-overhead"), one launch instead of hundreds per token."""
-    position = caches[0].position
-    for t in (position.keys, position.at, position.seen, *(t for c in caches for t in (c.k, c.v, c.h_sum))):
+    position = caches.position
+    for t in (position.keys, position.at, position.seen,
+              *(t for c in caches.calls.values() for t in (c.k, c.v, c.h_sum))):
         if t is not None:  # guard=False: the next generate's new caches reuse the graph (re-recorded, not recompiled)
             torch._dynamo.mark_static_address(t, guard=False)
-    return torch.compile(next_logits, mode="reduce-overhead" if caches[0].k.is_cuda else None, dynamic=False)
+    return torch.compile(next_logits, mode="reduce-overhead" if position.keys.is_cuda else None, dynamic=False)
+
+
+# Attention while decoding. A GPU profile found cuDNN's kernel building a new plan at every decoded
+# token, when the key length grew with each; the static caches now keep one length, which may make it
+# fast again: until a GPU run says so, decoding leaves it out.
+DECODE_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def decoding(compile=False):
+    """stream's decode step: next_logits without cuDNN attention and, with compile=True, compiled
+    once the prefill has filled the caches."""
+    compiled = []
+
+    def decode(model, x, caches, depth):
+        with sdpa_kernel(DECODE_ATTENTION):
+            logits = (compiled[0] if compiled else next_logits)(model, x, caches, depth)
+        if compile and not compiled:
+            compiled.append(compiled_decoding(caches))
+        return logits
+    return decode
 
 # ----------------------------------------------------------------------------------------
 # A control for the static ablation
@@ -783,18 +838,18 @@ class Halting:
         self.out = torch.zeros(h.shape, device=h.device)  # Σ_s p_s h_s: what the coda reads
 
     @classmethod
-    def loop(cls, model, h, depth, cos_sin, kv, step):
-        """Ouroboros.forward's loop with halting: the state the coda reads. model.last_halting
-        keeps the steps each position took and its ponder cost."""
+    def loop(cls, model, h, depth, cos_sin, caches=None):
+        """Ouroboros.loop with halting: the state the coda reads. model.last_halting keeps the steps
+        each position took and its ponder cost."""
         halting = cls(h)
         for s in range(depth):
-            cache = next(kv)
+            cache = cache_of(caches, f"step {s}")
             if not halting.running.any():  # every position has halted
                 if cache is None:  # nobody attends to the steps left
                     break
                 cls.skip(model, h, s, cos_sin, cache)  # a later token will attend to them
                 continue
-            h = halting.update(h, step(h, s, cos_sin, cache), s, depth, model.halt)
+            h = halting.update(h, model.step(h, s, cos_sin, cache), s, depth, model.halt)
         h, model.last_halting, halting.out = halting.out.to(h.dtype), halting, None
         return h
 
@@ -830,9 +885,8 @@ class Adapter(nn.Module):
     layer. The coda was trained on the output of the layers that are gone; this lets it adapt.
     B_t = 0 at initialisation, so a fresh model is unchanged; A_t ~ N(0, 1/in), LoRA-like.
 
-    It hangs on the projections it adapts, as forward hooks (y += (α/r)(x A_tᵀ) B_tᵀ), that act
-    only while Ouroboros.forward runs the coda (Adapter.acting): the baseline runs the same
-    layers without them."""
+    It hangs on the projections it adapts, as forward hooks (y += (α/r)(x A_tᵀ) B_tᵀ). They act
+    but in Ouroboros.baseline, which runs the same layers without them (Adapter.off)."""
 
     def __init__(self, layer, rank, alpha):
         super().__init__()
@@ -840,7 +894,7 @@ class Adapter(nn.Module):
         self.A = nn.ParameterList([nn.Parameter(torch.randn(rank, i) / i ** 0.5) for _, i in shapes])
         self.B = nn.ParameterList([nn.Parameter(torch.zeros(o, rank)) for o, _ in shapes])
         self.scale = alpha / rank
-        self.on = False
+        self.on = True
         for t, name in enumerate(TARGETS):
             layer.get_submodule(name).register_forward_hook(partial(self.hook, t))
 
@@ -862,16 +916,16 @@ class Adapter(nn.Module):
 
     @staticmethod
     @contextlib.contextmanager
-    def acting(adapters):
-        """The context in which the adapters act (None: there are none)."""
+    def off(adapters):
+        """The context in which the adapters do not act (None: there are none)."""
         adapters = list(adapters.values()) if adapters is not None else []
         for adapter in adapters:
-            adapter.on = True
+            adapter.on = False
         try:
             yield
         finally:
             for adapter in adapters:
-                adapter.on = False
+                adapter.on = True
 
 
 # ----------------------------------------------------------------------------------------
@@ -934,73 +988,17 @@ def forward_flops(model, steps, depth):
 
 
 # ----------------------------------------------------------------------------------------
-# Loading: safetensors straight to the device, one tensor at a time
+# Loading: what Part 1's loader does not check, and what it does not need
 
 
-def placement(device, dtype):
-    """Defaults: CUDA with bf16 frozen weights when there is a GPU, else CPU in float32."""
+def check_device(device):
+    """One line for a device torch does not know, or a CUDA GPU this machine lacks."""
     try:
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(device or "cpu")
     except RuntimeError as e:
         raise ValueError(f"device {device!r}: not a device torch knows ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device {str(device)!r}: this torch sees no CUDA GPU (use --device cpu)")
-    return device, dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-
-
-class Checkpoint:
-    """A Hugging Face checkpoint directory: model.safetensors, or an index and its shards.
-    Tensors are read by name, straight to `device`, and only when asked for."""
-
-    def __init__(self, path, cfg, device):
-        self.path, self.device, self.open_files = Path(path), device, {}
-        index = self.path / "model.safetensors.index.json"
-        if index.is_file():
-            weight_map = read_json(index, "").get("weight_map") or {}
-            self.where = {name: self.path / file for name, file in weight_map.items()}
-        elif (self.path / "model.safetensors").is_file():
-            file = self.path / "model.safetensors"
-            self.where = dict.fromkeys(self.open(file).keys(), file)
-        else:
-            raise FileNotFoundError(f"{self.path}: no model.safetensors or model.safetensors.index.json")
-        self.shapes = {k: tuple(v.shape) for k, v in Qwen2.on_meta(cfg).state_dict().items()}
-        missing, unexpected = sorted(set(self.shapes) - set(self.where)), sorted(set(self.where) - set(self.shapes))
-        if missing:
-            raise ValueError(f"{self.path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
-        if unexpected:
-            raise ValueError(f"{self.where[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
-                             f"({len(unexpected)} in all) for a Qwen2 model of this config.json")
-
-    def open(self, file):
-        if file not in self.open_files:
-            if not file.is_file():
-                raise FileNotFoundError(f"{file}: shard not found (named in model.safetensors.index.json)")
-            try:
-                self.open_files[file] = safe_open(file, framework="pt", device=str(self.device))
-            except SafetensorError as e:
-                raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
-        return self.open_files[file]
-
-    def read(self, name):
-        f = self.open(self.where[name])
-        header = f.get_slice(name)
-        shape, dtype = tuple(header.get_shape()), header.get_dtype()  # dtype: "BF16", "F32", "I8", ...
-        if shape != self.shapes[name]:
-            raise ValueError(f"{self.where[name]}: tensor {name!r} has shape {shape}, "
-                             f"config.json implies {self.shapes[name]}")
-        if dtype not in ("F16", "BF16", "F32", "F64"):  # an integer tensor cast to float would load silently
-            raise ValueError(f"{self.where[name]}: tensor {name!r} is {dtype}, not floating point "
-                             "(F16, BF16, F32 or F64)")
-        try:
-            return f.get_tensor(name)
-        except SafetensorError as e:
-            raise ValueError(f"{self.where[name]}: tensor {name!r} is unreadable ({e})") from None
-
-
-def save_atomic(tensors, file, metadata=None):
-    """safetensors to file.tmp, then a rename: never a half-written file."""
-    save_file(tensors, f"{file}.tmp", metadata=metadata)
-    os.replace(f"{file}.tmp", file)
 
 
 def write_json(file, obj):
@@ -1045,12 +1043,6 @@ def random_weights(cfg, device, std=0.02):
     return read
 
 
-def load_frozen(module, read, dtype):
-    """Fill a module built on the meta device from read(name); every tensor frozen."""
-    module.load_state_dict({name: read(name).to(dtype) for name in module.state_dict()}, assign=True)
-    return module.requires_grad_(False)
-
-
 def read_trainable_options(file, with_config=False):
     """The options an Ouroboros trainable file was saved with."""
     if not Path(file).is_file():
@@ -1069,8 +1061,7 @@ def read_trainable_options(file, with_config=False):
         raise ValueError(f"{file}: its metadata is not valid JSON ({e})") from None
     if not (isinstance(saved, dict) and isinstance(config, dict)):
         raise ValueError(f"{file}: its metadata is not a JSON object")
-    # An option added since the file was saved had its default value then.
-    defaults = {k: p.default for k, p in inspect.signature(Ouroboros).parameters.items() if k != "cfg"}
+    defaults = option_defaults()  # an option added since the file was saved had its default value then
     for k, v in saved.items():
         if k not in defaults:
             raise ValueError(f"{file}: unknown option {k!r} in its metadata (known: {', '.join(defaults)})")
@@ -1180,20 +1171,19 @@ def check_idx(idx):
         raise ValueError(f"idx must be a non-empty (batch, time) tensor of ids, got shape {tuple(idx.shape)}")
 
 
-def check_targets(targets, h):
-    """Qwen2.head's targets: one per position (their values are the data's, checked where it enters)."""
-    if targets.shape != h.shape[:2]:
-        raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(h.shape[:2])}")
+def check_targets(targets, x):
+    """The loss's targets: one per position (their values are the data's, checked where it enters)."""
+    if targets.shape != x.shape[:-1]:
+        raise ValueError(f"targets shape {tuple(targets.shape)} != idx shape {tuple(x.shape[:-1])}")
 
 
-def check_options(controller, pool, max_steps):
-    """The options of Ouroboros that need no weights."""
-    for name, value, allowed in (("controller", controller, ("dynamic", "static", "none", "blind")),
-                                 ("pool", pool, ("causal", "mean"))):
-        if value not in allowed:
-            raise ValueError(f"{name}={value!r}: choose one of {allowed}")
-    if max_steps < 1:
-        raise ValueError(f"max_steps={max_steps} must be at least 1")
+def check_options(options):
+    """The options given to Ouroboros that need no weights (the defaults are good ones)."""
+    for name, allowed in (("controller", tuple(Ouroboros.CONTROLLERS)), ("pool", ("causal", "mean"))):
+        if name in options and options[name] not in allowed:
+            raise ValueError(f"{name}={options[name]!r}: choose one of {allowed}")
+    if options.get("max_steps", 1) < 1:
+        raise ValueError(f"max_steps={options['max_steps']} must be at least 1")
 
 
 def check_rank(layer, rank):
@@ -1227,6 +1217,172 @@ def check_prompt(model, idx, max_new_tokens, temperature, top_k):
     if isinstance(model, Ouroboros) and model.pool == "mean":
         raise ValueError("pool='mean' cannot generate: every new token would change the modulation "
                          "of all earlier positions (train with pool='causal')")
+
+# ----------------------------------------------------------------------------------------
+# Part 1 with Part 2 plugged in. Each class subclasses Part 1's class of the same name, so that
+# whatever the whole file builds is the class below; each function wraps Part 1's (kept as a
+# default argument). What Part 1 computes, they compute too (a test runs Part 1 alone against them).
+
+
+@dataclass
+class Qwen2Config(Qwen2Config):
+    """Refuses in one line what this file does not implement (config_from_dict, check_config)."""
+
+    def __post_init__(self):
+        check_config(self)
+
+    @classmethod
+    def from_pretrained(cls, path):
+        file = Path(path) / "config.json"
+        return cls.from_dict(read_json(file, "a Hugging Face checkpoint directory has one"), source=file)
+
+    @classmethod
+    def from_dict(cls, raw, source="config"):
+        return config_from_dict(cls, raw, source)
+
+
+class Checkpoint(Checkpoint):
+    """Part 1's Checkpoint, checking the files and every tensor against config.json: a missing file,
+    a missing or unexpected tensor, a shape or a dtype get one line naming the file and the tensor."""
+
+    def __init__(self, path, device):
+        path = Path(path)
+        if (path / "model.safetensors.index.json").is_file():
+            if not isinstance(read_json(path / "model.safetensors.index.json", "").get("weight_map"), dict):
+                raise ValueError(f"{path}/model.safetensors.index.json: no weight_map")
+        elif not (path / "model.safetensors").is_file():
+            raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json")
+        super().__init__(path, device)
+        cfg = Qwen2Config.from_pretrained(path)
+        self.shapes = {k: tuple(v.shape) for k, v in Qwen2.on_meta(cfg).state_dict().items()}
+        missing, unexpected = sorted(set(self.shapes) - set(self.where)), sorted(set(self.where) - set(self.shapes))
+        if missing:
+            raise ValueError(f"{self.path}: tensor {missing[0]!r} is missing ({len(missing)} in all)")
+        if unexpected:
+            raise ValueError(f"{self.where[unexpected[0]]}: unexpected tensor {unexpected[0]!r} "
+                             f"({len(unexpected)} in all) for a Qwen2 model of this config.json")
+
+    def open(self, file):
+        if file not in self.open_files and not file.is_file():
+            raise FileNotFoundError(f"{file}: shard not found (named in model.safetensors.index.json)")
+        try:
+            return super().open(file)
+        except SafetensorError as e:
+            raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+
+    def read(self, name):
+        header = self.open(self.where[name]).get_slice(name)
+        shape, dtype = tuple(header.get_shape()), header.get_dtype()  # dtype: "BF16", "F32", "I8", ...
+        if shape != self.shapes[name]:
+            raise ValueError(f"{self.where[name]}: tensor {name!r} has shape {shape}, "
+                             f"config.json implies {self.shapes[name]}")
+        if dtype not in ("F16", "BF16", "F32", "F64"):  # an integer tensor cast to float would load silently
+            raise ValueError(f"{self.where[name]}: tensor {name!r} is {dtype}, not floating point "
+                             "(F16, BF16, F32 or F64)")
+        try:
+            return super().read(name)
+        except SafetensorError as e:
+            raise ValueError(f"{self.where[name]}: tensor {name!r} is unreadable ({e})") from None
+
+
+def placement(device, dtype, unchecked=placement):
+    check_device(device)
+    return unchecked(device, dtype)
+
+
+class MLP(MLP):
+    @staticmethod
+    def swiglu(gate, up):
+        return SwiGLU.apply(gate, up)  # keeps two tokens × intermediate tensors for backward, not three
+
+
+class Qwen2(Qwen2):
+    """The loss without a (tokens × vocab) tensor (LinearCrossEntropy), the ids' shape checked, and
+    random weights for what needs only a config.json (benchmarks, counting, pretraining)."""
+    cross_entropy = staticmethod(linear_cross_entropy)
+
+    def embed(self, idx, caches=None):
+        check_idx(idx)
+        return super().embed(idx, caches)
+
+    @classmethod
+    def from_config(cls, cfg, layers=None, device=None, dtype=None):
+        """Random weights (speed and memory do not depend on the values)."""
+        device, dtype = placement(device, dtype)
+        return load_frozen(cls.on_meta(cfg, layers), random_weights(cfg, device), dtype)
+
+    def save_pretrained(self, path):
+        """config.json and model.safetensors in the Hugging Face layout: from_pretrained reads them."""
+        Path(path).mkdir(parents=True, exist_ok=True)
+        save_atomic({k: v.detach().contiguous() for k, v in self.state_dict().items()},
+                    Path(path) / "model.safetensors", {"format": "pt"})
+        write_json(Path(path) / "config.json", self.cfg.to_dict())
+
+
+class Ouroboros(Ouroboros):
+    """The paper's model (Part 1) with what lies beyond it, each off by default: halting=True
+    (per-token adaptive depth, Halting), coda_rank > 0 (adapters on the coda, Adapter),
+    controller="blind" (a control, BlindController) and `checkpointing` (recompute each step in
+    backward). Always: every option checked, the causal pool without a scan (prefix_sums), and
+    mixed precision: float32 trainables computing in the frozen trunk's dtype (bf16 on a GPU)."""
+    CONTROLLERS = {**Ouroboros.CONTROLLERS, "blind": BlindController}
+    prefix_sums = staticmethod(prefix_sums)
+
+    def __init__(self, cfg, *, halting=False, coda_rank=0, **options):
+        check_options(options)
+        super().__init__(cfg, **options)
+        check_rank(self.layer, self.options["rank"])
+        self.options.update(halting=halting, coda_rank=coda_rank)
+        self.halt = Halting.head(cfg.hidden_size) if halting else None
+        self.last_halting = None  # the Halting of the last forward pass: steps taken, ponder cost
+        self.adapters = Adapter.on_coda(self, coda_rank, self.options["alpha"]) if coda_rank else None
+        self.checkpointing = False  # True: recompute each step in backward instead of storing it
+
+    @classmethod
+    def from_config(cls, cfg, device=None, dtype=None, **options):
+        """Random frozen weights; on device="meta" nothing is allocated (for counting)."""
+        device, dtype = placement(device, dtype)
+        return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
+
+    def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
+        if not 1 <= depth <= self.options["max_steps"]:
+            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
+        trunk = self.base.model.norm.weight  # a frozen weight: the trunk's device and dtype
+        with torch.autocast(trunk.device.type, trunk.dtype, enabled=trunk.dtype != torch.float32):
+            return super().forward(idx, depth, targets, caches, return_logits)
+
+    def baseline(self, idx, targets=None, return_logits=True):
+        with Adapter.off(self.adapters):  # the pruned model as it was: the coda without adapters
+            return super().baseline(idx, targets, return_logits)
+
+    def loop(self, h, depth, cos_sin, caches=None):
+        if self.halt is None:
+            return super().loop(h, depth, cos_sin, caches)
+        return Halting.loop(self, h, depth, cos_sin, caches)  # each position stops when its head says so
+
+    def step(self, h, s, cos_sin, cache=None):
+        if self.checkpointing and torch.is_grad_enabled():  # memory of one step, not of `depth`
+            return checkpoint(super().step, h, s, cos_sin, cache, use_reentrant=False)
+        return super().step(h, s, cos_sin, cache)
+
+    def load_trainable(self, file):
+        check_trainable(file, self.options, self.cfg, self)  # the same options, base config and shapes
+        super().load_trainable(file)
+
+
+def option_defaults():
+    """Every option of Ouroboros and its default: the paper's (Part 1), then Part 2's."""
+    params = [*inspect.signature(Ouroboros.__mro__[1]).parameters.values(),
+              *inspect.signature(Ouroboros).parameters.values()]
+    return {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
+
+
+@torch.no_grad()
+def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, compile=False, unchecked=stream):
+    """Part 1's stream, the request checked first (check_prompt). compile=True: the decoding step is
+    compiled once the prefill has filled the caches (compiled_decoding)."""
+    check_prompt(model, idx, max_new_tokens, temperature, top_k)
+    yield from unchecked(model, idx, max_new_tokens, depth, temperature, top_k, decode=decoding(compile))
 
 # ----------------------------------------------------------------------------------------
 # Command line: generate text

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import ouroboros as ob
 import train
 from data import prepare, stdlib
@@ -324,6 +325,61 @@ def test_step_norm_gives_each_step_its_own_unit_rms(tiny):
     out = model.step(h, 0, ob.rope(TINY, torch.arange(5)))
     torch.testing.assert_close(out.pow(2).mean(-1), torch.ones(2, 5), atol=1e-4, rtol=0)
     assert model.step_norms.shape == (64, TINY.hidden_size)
+
+
+def part_one():
+    """ouroboros.py cut at the PART 2 banner, run as a module of its own: what a student cuts out."""
+    source = (HERE / "ouroboros.py").read_text()
+    source = source[:source.index("# " + "=" * 88 + "\n# PART 2")]
+    module = type(sys)("part_one")
+    exec(compile(source, "part_one", "exec"), module.__dict__)
+    return module, source
+
+
+def test_part_one_names_nothing_of_part_two():
+    """Every global name Part 1's code reads is defined in Part 1 (or is a builtin), and it is plain
+    PyTorch: no autograd.Function, compiler, autocast or checkpointing."""
+    import builtins
+    import dis
+    module, source = part_one()
+    codes, names = [compile(source, "part_one", "exec")], set()
+    while codes:
+        code = codes.pop()
+        codes += [c for c in code.co_consts if hasattr(c, "co_code")]
+        names |= {i.argval for i in dis.get_instructions(code) if i.opname in ("LOAD_GLOBAL", "LOAD_NAME")}
+    assert names - set(module.__dict__) - set(dir(builtins)) == {"__annotations__"}
+    for name in ("autograd.Function", "torch.compile", "autocast", "checkpoint(", "sdpa_kernel"):
+        assert name not in source
+
+
+@pytest.mark.parametrize("options", [{}, dict(controller="static"), dict(controller="none"), dict(pool="mean")])
+def test_part_one_alone_loads_trains_and_generates_as_the_whole_file(tiny, tmp_path, options):
+    """Part 1 alone loads the checkpoint and the whole file's trainables, and gives the same logits,
+    loss, training steps and greedy tokens, to float32 round-off (Part 2's kernels sum in other orders)."""
+    part, _ = part_one()
+    whole = randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu", **options), std=0.05)
+    whole.save_trainable(tmp_path / "t.safetensors")
+    alone = part.Ouroboros.from_pretrained(tiny, device="cpu", **options)
+    alone.load_trainable(tmp_path / "t.safetensors")
+    assert type(alone).__module__ == "part_one" and not isinstance(alone, ob.Ouroboros)
+    idx = ids()
+    for model in (whole, alone):  # three steps on the same batches (SGD: Adam would magnify round-off
+        # in the gradients that are near zero into whole steps)
+        model.curve, opt = [], torch.optim.SGD(model.trainable_parameters(), lr=0.1)
+        for step in range(3):
+            logits, loss = model(idx, 3, idx.roll(-step - 1, 1))
+            model.curve.append((logits.detach(), loss.detach()))
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (a_logits, a_loss), (b_logits, b_loss) in zip(whole.curve, alone.curve):
+        torch.testing.assert_close(b_logits, a_logits, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b_loss, a_loss, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(whole.curve[0][1], whole.curve[-1][1])  # the steps trained something
+    torch.testing.assert_close(alone.baseline(idx)[0], whole.baseline(idx)[0], rtol=1e-5, atol=1e-5)
+    if whole.pool == "causal":
+        prompt = ids(B=1, T=5)
+        assert torch.equal(part.generate(alone, prompt, 6, 3, 0), ob.generate(whole, prompt, 6, 3, 0))
 
 
 @pytest.mark.parametrize("T", [1, 63, 64, 65, 300])
@@ -1005,7 +1061,7 @@ def test_forward_flops_is_what_a_decoded_token_that_halts_costs(tiny):
     model = halting_model(tiny, bias=6.0)
     prompt = ids(B=1, T=7)
     position = ob.Position(8, "cpu")
-    caches = [ob.KVCache(position) for _ in range(len(model.prelude) + 4 + len(model.coda))]
+    caches = ob.Caches(position)
     with torch.no_grad():
         model(prompt, 4, caches=caches)
         position.advance(prompt.size(1))
@@ -1555,7 +1611,7 @@ def test_interrupt_and_resume_equals_uninterrupted(tmp_path, demo, monkeypatch, 
     monkeypatch.setattr(train, "get_lr", get_lr)
     resumed = train.main(argv + ["--resume"])
     assert f"resumed {tmp_path / 'twice'} at step 3" in capsys.readouterr().out
-    for (name, p), (_, q) in zip(train.trainables(whole), train.trainables(resumed)):
+    for (name, p), (_, q) in zip(checkpoint.trainables(whole), checkpoint.trainables(resumed)):
         assert torch.equal(p, q), name
     assert [m["loss"] for m in metrics(tmp_path / "once")] == \
         [m["loss"] for m in metrics(tmp_path / "twice")]  # steps 1-3 before the signal, 4-6 after
@@ -1644,7 +1700,7 @@ def test_resume_takes_the_saved_runs_options_where_the_command_gives_none(tmp_pa
         train.main(run_args(demo, out, "--steps", "4"))
     short = train.main(["--out", str(tmp_path / "short"), "--resume", "--steps", "6"])
     full = train.main(run_args(demo, tmp_path / "full", "--steps", "6", "--resume"))
-    for (name, p), (_, q) in zip(train.trainables(short), train.trainables(full)):
+    for (name, p), (_, q) in zip(checkpoint.trainables(short), checkpoint.trainables(full)):
         assert torch.equal(p, q), name
     assert [m["step"] for m in metrics(tmp_path / "short")] == [1, 2, 3, 4, 5, 6]
     assert "and --steps is 6: give a larger --steps" in error_line(["--out", str(tmp_path / "short"), "--resume"])
@@ -1733,7 +1789,7 @@ def test_options_are_refused_before_anything_is_loaded(tmp_path, demo, monkeypat
     def not_now(*args, **kwargs):
         raise AssertionError("loaded before the options were checked")
     monkeypatch.setattr(ob.Ouroboros, "from_pretrained", not_now)
-    monkeypatch.setattr(train, "load_data", not_now)
+    monkeypatch.setattr(prepare, "load_data", not_now)
     (tmp_path / "file").write_text("")
     extra = [str(tmp_path / "file" / "run") if a == "FILE/run" else a for a in extra]
     assert expected in error_line(run_args(demo, tmp_path / "out", *extra))
@@ -1752,7 +1808,7 @@ CHECKPOINT_FILES = ("ouroboros.safetensors", "optimizer.safetensors", "state.jso
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, demo, monkeypatch):
     """Loss NaN from update 4 on: the run stops with one line before applying it, and the files
     are still those saved at update 2, byte for byte."""
-    forward, save, calls, saved = ob.Ouroboros.forward, train.save, [], []
+    forward, save, calls, saved = ob.Ouroboros.forward, checkpoint.save, [], []
 
     def nan_from_call_4(self, *args, **kwargs):
         logits, loss = forward(self, *args, **kwargs)
@@ -1763,7 +1819,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, demo, monke
         save(out, *args)
         saved.append({name: (out / name).read_bytes() for name in CHECKPOINT_FILES})
     monkeypatch.setattr(ob.Ouroboros, "forward", nan_from_call_4)
-    monkeypatch.setattr(train, "save", save_and_copy)
+    monkeypatch.setattr(checkpoint, "save", save_and_copy)
     message = error_line(run_args(demo, tmp_path, "--grad-accum", "1", "--eval-every", "100", "--steps", "6"))
     assert "step 4: loss nan" in message and "checkpoint (step 2) is kept" in message
     assert len(saved) == 1 and {name: (tmp_path / name).read_bytes() for name in CHECKPOINT_FILES} == saved[0]
@@ -1875,11 +1931,11 @@ def test_a_second_run_on_the_same_out_is_refused_while_the_first_runs(tmp_path, 
     one line naming the holder, and leaves the run alone. A lock whose process was killed with
     kill -9 is gone with it: the next run starts."""
     argv = run_args(demo, tmp_path, "--steps", "2")
-    train.hold(tmp_path)  # as a running train.py holds it
+    checkpoint.hold(tmp_path)  # as a running train.py holds it
     try:
         message = error_line(argv)
     finally:
-        train.release()
+        checkpoint.release()
     assert f"{tmp_path}/lock: {tmp_path} is in use by train.py (pid {os.getpid()} on" in message
     assert not (tmp_path / "metrics.jsonl").exists()
     holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
@@ -1914,13 +1970,13 @@ def test_a_save_cut_short_leaves_a_checkpoint_to_resume_from(tmp_path, demo):
         steps = [m["step"] for m in metrics(out)]
         assert steps == ([1, 2, 3, 4, 5, 6] if cut == "while written" else [1, 2, 5, 6]), cut
         if cut == "while written":
-            for (name, p), (_, q) in zip(train.trainables(whole), train.trainables(resumed)):
+            for (name, p), (_, q) in zip(checkpoint.trainables(whole), checkpoint.trainables(resumed)):
                 assert torch.equal(p, q), (cut, name)
 
 
 def test_a_run_killed_before_its_results_writes_them_when_resumed(tmp_path, demo, monkeypatch):
     """Its last step is saved but results.json is not there (killed in the final evaluation): the
-    same command with --resume writes it, and so do the demo and the study (train.run_logged), with
+    same command with --resume writes it, and so do the demo and the study (stdlib.run_logged), with
     the same numbers as the run that was not killed."""
     train.main(run_args(demo, tmp_path, "--steps", "2"))
     expected = json.loads((tmp_path / "results.json").read_text())
@@ -1932,21 +1988,21 @@ def test_a_run_killed_before_its_results_writes_them_when_resumed(tmp_path, demo
     (tmp_path / "results.json").unlink()
     argv = run_args(demo, tmp_path, "--steps", "2")
     del argv[argv.index("--out"):argv.index("--out") + 2]  # run_logged gives --out, and --resume
-    assert train.run_logged(tmp_path, argv)
+    assert stdlib.run_logged(tmp_path, argv, train.main)
 
 
 def test_ctrl_c_in_the_final_evaluation_stops_it_and_resume_finishes(tmp_path, demo, monkeypatch):
     """The loop's handler only sets a flag, so a Ctrl-C in the final evaluation used to do nothing.
     There it stops the evaluation, in one line that says the run is saved; --resume writes the results."""
-    report = train.report
+    report = checkpoint.report
 
     def interrupted(*args):
         os.kill(os.getpid(), signal.SIGINT)
         time.sleep(5)  # the signal arrives before this ends
-    monkeypatch.setattr(train, "report", interrupted)
+    monkeypatch.setattr(checkpoint, "report", interrupted)
     with pytest.raises(SystemExit, match="interrupted in the final evaluation: the run is saved in"):
         train.main(run_args(demo, tmp_path, "--steps", "2"))
-    monkeypatch.setattr(train, "report", report)
+    monkeypatch.setattr(checkpoint, "report", report)
     train.main(run_args(demo, tmp_path, "--steps", "2", "--resume"))
     assert (tmp_path / "results.json").is_file()
 
@@ -2196,8 +2252,8 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, demo):
     state = json.loads((tmp_path / "state.json").read_text())  # rank 0 saved
     assert state["options"]["world_size"] == 2 and state["tokens_seen"] == 3 * 2 * 2 * 16 * 2
     cfg = ob.Qwen2Config.from_pretrained(demo[0])
-    single = train.load_data(train.parse_args(argv), cfg, 0, 1)["train"]
-    halves = [train.load_data(train.parse_args(argv), cfg, r, 2)["train"] for r in (0, 1)]
+    single = prepare.load_data(train.parse_args(argv), cfg, 0, 1)["train"]
+    halves = [prepare.load_data(train.parse_args(argv), cfg, r, 2)["train"] for r in (0, 1)]
     assert np.array_equal(np.concatenate(halves), single) and len(halves[0]) < len(single)
 
 # ----------------------------------------------------------------------------------------
@@ -2249,9 +2305,9 @@ def test_cuda_bf16_trains_its_float32_trainables_and_generates(tiny):
 @cuda
 def test_cuda_compiled_training_step_equals_eager():
     """train.py's default on CUDA: the compiled model's loss and gradients are the eager ones (float32,
-    where the compiler's reordering is round-off)."""
+    where the compiler's reordering is round-off; trainables of std 0.05, as on the CPU)."""
     torch.manual_seed(0)
-    model = randomize_trainables(ob.Ouroboros.from_config(TINY, device="cuda", dtype=torch.float32))
+    model = randomize_trainables(ob.Ouroboros.from_config(TINY, device="cuda", dtype=torch.float32), std=0.05)
     idx = ids().cuda()
     results = []
     for forward in (model, torch.compile(model)):

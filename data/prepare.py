@@ -1,5 +1,6 @@
 """
-Turn local text into the token files train.py reads.
+Turn local text into the token files train.py reads, and check them against its model when it
+reads them (load_data).
 
     python data/prepare.py INPUT... --tokenizer MODEL_DIR --out data/fineweb-edu [--val-fraction 0.005]
     python data/prepare.py INPUT... --train-tokenizer 8192 --out data/mine
@@ -315,6 +316,49 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
         f"val {counts['val_tokens']:,} tokens in {counts['val_documents']:,} documents, from "
         f"{len(files):,} file(s); {counts['empty_skipped']:,} empty document(s) skipped")
     return meta
+
+
+def load_data(args, cfg, rank, world):
+    """This rank's share of train.bin, val.bin and the --eval-on files (train.py's options `args`), once they
+    are known to fit the model of config `cfg`: checked here, where the data enters, so that data made for
+    another model, or cut short, is refused in one line before the model loads."""
+    data = Path(args.data)
+    meta = ob.read_json(data / "meta.json", f"make it: python data/prepare.py INPUT... --tokenizer {args.model} "
+                        f"--out {data}; see the README's Data section")
+    for key in ("vocab_size", "train_tokens", "val_tokens"):
+        if type(meta.get(key)) is not int or meta[key] < 0:
+            raise ValueError(f"{data}/meta.json: {key} is {meta.get(key, 'missing')!r}, not a count (prepare the "
+                             "data again)")
+    sha = load_tokenizer(args.model)[2]
+    if meta.get("tokenizer_sha256") != sha:
+        raise ValueError(f"{data}/meta.json: made with another tokenizer (sha256 {meta.get('tokenizer_sha256')}, "
+                         f"{args.model}/tokenizer.json is {sha}): prepare the data again")
+    if meta["vocab_size"] > cfg.vocab_size:
+        raise ValueError(f"{data}/meta.json: vocab_size {meta.get('vocab_size')} exceeds the model's "
+                         f"{cfg.vocab_size}")
+    splits, files = {}, {"train": data / "train.bin", "val": data / "val.bin"}
+    for f in map(Path, args.eval_on):  # scored in the final table only, under the stem of its name
+        why = ("the name of a split already scored" if f.stem in files else "not found" if not f.exists() else
+               "a folder, not a token file" if f.is_dir() else
+               f"{f.stat().st_size:,} bytes: not a file of uint32 tokens" if f.stat().st_size % 4 else None)
+        if why:
+            raise ValueError(f"--eval-on {f}: {why}")
+        files[f.stem] = f
+    for split, file in files.items():
+        n = meta.get(f"{split}_tokens", 0) if split in ("train", "val") else file.stat().st_size // 4
+        if file.stat().st_size != 4 * n:
+            raise ValueError(f"{file}: {file.stat().st_size:,} bytes, but meta.json says {n:,} uint32 tokens "
+                             "(truncated? prepare the data again)")
+        lo, hi = rank * n // world, (rank + 1) * n // world  # each rank its own part
+        if hi - lo <= args.seq_len:
+            raise ValueError(f"{file}: {hi - lo:,} tokens{' per rank' * (world > 1)} are too "
+                             f"few for --seq-len {args.seq_len} (+1 for the shifted targets)")
+        part = np.memmap(file, dtype=np.uint32, mode="r")[lo:hi]
+        if (top := int(part.max())) >= cfg.vocab_size:  # one pass over the file, before the model loads
+            raise ValueError(f"{file}: token id {top} is outside the model's vocabulary 0..{cfg.vocab_size - 1} "
+                             "(made for another model? prepare the data again)")
+        splits[split] = part
+    return splits
 
 
 def main(argv=None):

@@ -10,8 +10,9 @@ Python. pretrained_base makes, in a work folder, each stage skipped once done:
     base/   a Hugging Face checkpoint of the Qwen2, pretrained by `train.py --pretrain`
             (its log in base/log.txt; an interrupted one is resumed)
 
-train.py imports this module, so this module does not import train.py: the caller hands in
-the function that runs it (train.run_logged).
+It also runs train.py for others: `train.py --demo` (demo, on the base) and the study's runs
+(run_logged, in-process, logged to a file). train.py imports this module, so this module does
+not import train.py: the caller hands in train.main.
 
 The recipe (the Base, or the study's Budget, and the corpus) is recorded in work/recipe.json
 by the first run; a later run with another recipe is refused, so that nothing made under one
@@ -117,6 +118,14 @@ DEMO = Base(config=ob.Qwen2Config(vocab_size=4096, hidden_size=128, intermediate
             eval_every=50, final_tokens=2 ** 15)
 
 
+# train.py --demo's options: 100 updates of Ouroboros on the DEMO base, scored on 32,768 tokens of
+# each held-out set (the study scores them whole); each --demo replaces the previous one's run (the
+# base is kept). What the command line gives still wins.
+DEMO_OPTIONS = dict(out="out/demo", device="cpu", steps=100, batch_size=4, grad_accum=1, seq_len=256, lr=2e-3,
+                    warmup=10, eval_every=25, eval_batches=8, eval_full=True, final_tokens=DEMO.final_tokens,
+                    overwrite=True)
+
+
 def batch_args(base, data):
     """train.py's options for the batch shape and evaluation of `base` on the CPU, and the prose
     held-out set of `data` when it has one."""
@@ -168,7 +177,7 @@ def holding(work, log=print):
 
 def pretrained_base(work, base, run, log=print, corpus=None, seed=0):
     """Stages data/ and base/ in `work` (see the module docstring), from the standard library or
-    from the folder `corpus`; run(out, argv) is train.run_logged. A `seed` other than 0 pretrains
+    from the folder `corpus`; run(out, argv) runs train.py (run_logged). A `seed` other than 0 pretrains
     in base-seedN/ instead. Returns (base checkpoint, data)."""
     work = Path(work)
     with holding(work, log):
@@ -216,3 +225,43 @@ def make_base(work, base, run, log, corpus, seed):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             sys.exit(f"error: pretraining stopped: {(out / 'diverged.txt').read_text()}")
     return out, data
+
+# ----------------------------------------------------------------------------------------
+# Running train.py from here: the demo, and the study's runs
+
+
+def demo(args, main, log=print):
+    """train.py --demo's base, pretrained in --out (or found there), as --model and --data: its options
+    (`args`) changed in place, and its run put in OUT/ouroboros, beside the base it must not overwrite.
+    main is train.main."""
+    log("demo: a small Qwen2 pretrained on this Python's standard library (cached after the first run), "
+        "cut 3 / 6 / 3, then Ouroboros trained on it; baseline and ours scored on held-out files")
+    run = lambda out, argv: run_logged(out, argv, main)  # noqa: E731
+    args.model, args.data = map(str, pretrained_base(Path(args.out), DEMO, run, log))
+    if (Path(args.data) / "prose.bin").is_file():  # the held-out set of another distribution
+        args.eval_on = [*args.eval_on, str(Path(args.data) / "prose.bin")]
+    args.out = str(Path(args.out) / "ouroboros")
+
+
+def run_logged(out, argv, main):
+    """train.py (main: train.main) in this process, its log in out/log.txt. It resumes a run that was
+    interrupted. True when the run finished; False when it stopped (Ctrl-C, or a diverged loss: see the log)."""
+    out.mkdir(parents=True, exist_ok=True)
+    argv = ["--out", str(out), *argv, *(["--resume"] if (out / "state.json").is_file() else [])]
+    t0 = time.time()
+    with open(out / "log.txt", "a", buffering=1) as f, contextlib.redirect_stdout(f):  # a line at a time
+        try:
+            main(argv)
+        except SystemExit as e:  # train.py's one-line error (a diverged loss is one)
+            print(e.code)
+            if "stopped; the last good checkpoint" not in str(e.code):  # anything but a diverged loss
+                raise
+            (out / "diverged.txt").write_text(str(e.code))
+        finally:  # a study's wall time is the sum of these, over every invocation that ran a part
+            (out / "wall_s.txt").write_text(str(wall_s(out) + time.time() - t0))
+    return (out / "results.json").is_file()
+
+
+def wall_s(out):
+    """Seconds run_logged (or the data stage) has spent on `out` so far, over every invocation."""
+    return float((out / "wall_s.txt").read_text()) if (out / "wall_s.txt").is_file() else 0.0

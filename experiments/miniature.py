@@ -47,6 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+import checkpoint  # noqa: E402
 import ouroboros as ob  # noqa: E402
 import train  # noqa: E402
 from data import prepare, stdlib  # noqa: E402
@@ -195,7 +196,7 @@ def run_all(work, budget, bases, data, log):
             eta = (time.time() - t0) / spent * (total - done) if spent else None
             log(f"[runs] {i}/{len(todo)} {run.row}, seed {run.seed}"
                 + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
-            finished = train.run_logged(out, run_argv(run, budget, bases, data, refs))
+            finished = stdlib.run_logged(out, run_argv(run, budget, bases, data, refs), train.main)
             if not (finished or (out / "diverged.txt").is_file()):
                 sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
             spent += cost(run)
@@ -230,7 +231,7 @@ def rerun(work, budget, bases, data, run, row, log):
     out = work / "rerun" / run.folder
     shutil.rmtree(out, ignore_errors=True)
     log(f"[rerun] {run.row}, seed {run.seed}, afresh in {out}")
-    if not train.run_logged(out, run_argv(run, budget, bases, data, ["--no-eval-baseline"])):
+    if not stdlib.run_logged(out, run_argv(run, budget, bases, data, ["--no-eval-baseline"]), train.main):
         sys.exit(f"interrupted: {out} is not finished (a --rerun starts afresh)")
     scored = json.loads((out / "windows.json").read_text())["ours"]
     for split in HELD_OUT:
@@ -279,7 +280,7 @@ def collect(work, budget):
             rows.setdefault(run.row, dict(seeds=[], windows={}, diverged=(out / "diverged.txt").read_text()))
             continue
         res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
-        options = train.saved_options(json.loads((out / "state.json").read_text()))
+        options = checkpoint.saved_options(json.loads((out / "state.json").read_text()), train.parse_args)
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
         depth = res["mean depth"]["held-out"]  # with halting: fewer steps than --depth
         for ref in ("baseline", "full"):  # frozen: every run scores the same numbers; keep the first
@@ -504,8 +505,8 @@ def depth_figure(rows, file):
 def report(work, results, budget, log, meta):
     rows = collect(work, budget)
     base_dirs = [work / ("base" if seed == 0 else f"base-seed{seed}") for seed in (0, budget.second_base)]
-    seconds = sum(train.wall_s(part) for part in [work / "data", *base_dirs,
-                                                   *(work / "runs" / run.folder for run in runs(budget))])
+    seconds = sum(stdlib.wall_s(part) for part in [work / "data", *base_dirs,
+                                                    *(work / "runs" / run.folder for run in runs(budget))])
     results.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     data = work / "data"
@@ -604,7 +605,8 @@ def study(args):
                              "it is left as it is")
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
-    bases = {seed: stdlib.pretrained_base(work, budget, train.run_logged, log, args.corpus, seed)[0]
+    run_logged = lambda out, argv: stdlib.run_logged(out, argv, train.main)  # noqa: E731
+    bases = {seed: stdlib.pretrained_base(work, budget, run_logged, log, args.corpus, seed)[0]
              for seed in ((target[0].base,) if target else (0, budget.second_base))}  # --rerun: its own
     data = work / "data"
     if target:
