@@ -27,6 +27,7 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
 
     python ouroboros.py --model DIR --prompt "Once upon a time" --depth 4   # generate
     python train.py --depth 4 --rank 8                                      # train
+    python ouroboros.py export --model DIR --trained FILE --out HF_DIR      # a folder transformers loads
     pytest test_ouroboros.py                                                # test
 
 Part 1 is the method in plain PyTorch, in the paper's order: config → Qwen2 → surgery and SVD
@@ -35,7 +36,7 @@ It runs on its own: cut the file at the PART 2 banner, and what is left loads a 
 trains and generates, with the same numbers to float32 round-off (a test runs it so).
 Part 2 plugs into Part 1 what a paper leaves out: kernels that keep less for backward, mixed
 precision, per-token halting, coda adapters, checkpointing, compiled decoding, the checks of
-every input, FLOP counting and the command line.
+every input, FLOP counting, the export to a Hugging Face folder and the command line.
 """
 import json
 import os
@@ -622,7 +623,9 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import inspect  # noqa: E402
 import math  # noqa: E402
+import shutil  # noqa: E402
 import sys  # noqa: E402
+import tempfile  # noqa: E402
 import time  # noqa: E402
 from dataclasses import fields, MISSING  # noqa: E402
 from functools import partial  # noqa: E402
@@ -1061,17 +1064,23 @@ def read_trainable_options(file, with_config=False):
         raise ValueError(f"{file}: its metadata is not valid JSON ({e})") from None
     if not (isinstance(saved, dict) and isinstance(config, dict)):
         raise ValueError(f"{file}: its metadata is not a JSON object")
+    options = saved_options(saved, f"{file}", "its metadata")
+    return (options, config) if with_config else options
+
+
+def saved_options(saved, source, where):
+    """Options as saved (a trainable file's metadata, an export's config.json) over the defaults, or one
+    line naming an option this version does not know or one of the wrong kind."""
     defaults = option_defaults()  # an option added since the file was saved had its default value then
     for k, v in saved.items():
         if k not in defaults:
-            raise ValueError(f"{file}: unknown option {k!r} in its metadata (known: {', '.join(defaults)})")
+            raise ValueError(f"{source}: unknown option {k!r} in {where} (known: {', '.join(defaults)})")
         kind = int if defaults[k] is None else type(defaults[k])  # None: a layer number, or the default
         if not (is_a(v, kind) or (defaults[k] is None and v is None)):
-            raise ValueError(f"{file}: option {k!r} is {v!r} in its metadata: must be {KINDS[kind]}")
+            raise ValueError(f"{source}: option {k!r} is {v!r} in {where}: must be {KINDS[kind]}")
         if k in ("rank", "alpha", "max_steps", "controller_width") and not v > 0:
-            raise ValueError(f"{file}: option {k!r} is {v!r} in its metadata: must be above 0")
-    options = {**defaults, **saved}
-    return (options, config) if with_config else options
+            raise ValueError(f"{source}: option {k!r} is {v!r} in {where}: must be above 0")
+    return {**defaults, **saved}
 
 
 def check_trainable(file, options, cfg, model=None):
@@ -1219,6 +1228,152 @@ def check_prompt(model, idx, max_new_tokens, temperature, top_k):
                          "of all earlier positions (train with pool='causal')")
 
 # ----------------------------------------------------------------------------------------
+# Export: a Hugging Face folder of a trained model, which transformers loads
+#
+#   OUT/config.json             the base's config.json with model_type "ouroboros", the options ("ouroboros"),
+#                               the depth to run ("depth") and auto_map (the classes of modeling_ouroboros.py)
+#   OUT/model.safetensors       the kept layers under Qwen2's names, and layer R's LoRA bases (...q_proj.lora_A)
+#   OUT/ouroboros.safetensors   the trainables, as train.py saves them (a --trained file for the base)
+#   OUT/tokenizer.json          the base's (and its tokenizer_config.json, if it has one)
+#   OUT/ouroboros.py            this file: it builds the model (Ouroboros.from_export)
+#   OUT/modeling_ouroboros.py   transformers' side, MODELING below: this file never imports transformers
+
+MODELING = '''"""Ouroboros (arXiv 2604.02051) for transformers, written by `python ouroboros.py export`:
+
+    model = AutoModelForCausalLM.from_pretrained(FOLDER, trust_remote_code=True)
+
+The model is the one ouroboros.py (beside this file) builds. It keeps no KV cache: generate runs the whole
+sequence again for each new token (ouroboros.py's own generate decodes with caches)."""
+import torch
+import torch.nn.functional as F
+from transformers import GenerationMixin, PretrainedConfig, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutput
+
+from .ouroboros import Ouroboros
+
+
+class OuroborosConfig(PretrainedConfig):
+    model_type = "ouroboros"  # config.json: the base's Qwen2 keys, the options ("ouroboros") and "depth"
+
+
+class OuroborosForCausalLM(PreTrainedModel, GenerationMixin):
+    config_class = OuroborosConfig
+
+    def __init__(self, config, ouroboros=None):
+        super().__init__(config)
+        self.post_init()
+        self.ouroboros = ouroboros  # after post_init, which would initialise its weights anew
+
+    @classmethod
+    def from_pretrained(cls, path, *args, config=None, dtype=None, device_map=None, **hub_options):
+        """Built by ouroboros.py's loader, Ouroboros.from_export. dtype (or the older torch_dtype): a torch
+        dtype or its name (None or "auto": float32 on a CPU, bf16 on a GPU); device_map: one device.
+        A local folder needs none of the hub's options."""
+        dtype = hub_options.get("torch_dtype") if dtype is None else dtype
+        dtype = None if dtype == "auto" else getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        ouroboros = Ouroboros.from_export(path, device=None if device_map == "auto" else device_map, dtype=dtype)
+        model = cls(config or OuroborosConfig.from_pretrained(path), ouroboros)
+        model.generation_config.use_cache = False  # generate passes the whole sequence (prepare_inputs...)
+        return model.eval()
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        """Logits (B, T, vocab) after config.depth loop steps; with labels (B, T), the mean loss of
+        predicting labels[:, t + 1] at t, as transformers' causal LMs shift them. Padding is refused."""
+        if attention_mask is not None and not attention_mask.bool().all():
+            raise ValueError("attention_mask has padding: Ouroboros attends to every position")
+        targets = None if labels is None else F.pad(labels[:, 1:], (0, 1), value=-100)  # (B, T)
+        logits, loss = self.ouroboros(input_ids, self.config.depth, targets)
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def prepare_inputs_for_generation(self, input_ids, attention_mask=None, **kwargs):
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+'''
+AUTO_MAP = {"AutoConfig": "modeling_ouroboros.OuroborosConfig",
+            "AutoModelForCausalLM": "modeling_ouroboros.OuroborosForCausalLM"}
+
+
+def export(model_dir, trained, out, depth=4):
+    """Write the folder OUT (above) of the base model_dir and the trainables train.py saved. Everything
+    is checked before a weight loads; the folder is written beside OUT and renamed to OUT when whole."""
+    model_dir, out = Path(model_dir), Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder may be replaced
+        raise ValueError(f"--out {out}: {'holds files' if out.is_dir() else 'is a file'} (an export never "
+                         "replaces anything: give a new folder)")
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"--model {model_dir}: no such folder (a Hugging Face checkpoint directory)")
+    raw = read_json(model_dir / "config.json", "a Hugging Face checkpoint directory has one")
+    cfg = Qwen2Config.from_dict(raw, source=model_dir / "config.json")
+    read_tokenizer(model_dir)  # there, and readable
+    options = read_trainable_options(trained)
+    check_trainable(trained, options, cfg)  # made for this base: its config is in its metadata
+    if not 1 <= depth <= options["max_steps"]:
+        raise ValueError(f"--depth {depth} is outside 1..{options['max_steps']} (max_steps)")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # as a folder made by mkdir would be (mkdtemp makes it private)
+    try:
+        dtype = Checkpoint(model_dir, "cpu").read("model.norm.weight").dtype  # the frozen weights keep the base's
+        model = Ouroboros.from_pretrained(model_dir, "cpu", dtype, **options)
+        model.load_trainable(trained)
+        frozen = {**model.base.state_dict(), **dict(model.base.named_buffers())}  # the buffers: the LoRA bases
+        save_file({k: v.contiguous() for k, v in frozen.items()}, stage / "model.safetensors", {"format": "pt"})
+        model.save_trainable(stage / "ouroboros.safetensors")
+        write_json(stage / "config.json", {**raw, "model_type": "ouroboros", "architectures": ["OuroborosForCausalLM"],
+                                           "auto_map": AUTO_MAP, "ouroboros": model.options, "depth": depth})
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, stage / name)
+        shutil.copyfile(__file__, stage / "ouroboros.py")
+        (stage / "modeling_ouroboros.py").write_text(MODELING)
+        try:
+            os.rename(stage, out)  # whole, at once; refused if something came into OUT meanwhile
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot be made ({e.strerror}); nothing was written there") from None
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)  # gone once renamed; a failure leaves nothing
+    return out
+
+
+def read_export(path):
+    """The Qwen2 config, options and depth of an export's config.json, or one line: not an export."""
+    file = Path(path) / "config.json"
+    raw = read_json(file, "an export has one: python ouroboros.py export --help")
+    if raw.get("model_type") != "ouroboros" or not isinstance(raw.get("ouroboros"), dict):
+        raise ValueError(f"{path}: not an Ouroboros export (config.json: model_type {raw.get('model_type')!r} "
+                         "and no 'ouroboros' options; make one with python ouroboros.py export)")
+    cfg = Qwen2Config.from_dict({**raw, "model_type": "qwen2"}, source=file)
+    options = saved_options(raw["ouroboros"], file, "its 'ouroboros'")
+    depth = raw.get("depth")
+    if not (is_a(depth, int) and 1 <= depth <= options["max_steps"]):
+        raise ValueError(f"{file}: key 'depth' is {depth!r}: must be an integer in 1..{options['max_steps']}")
+    return cfg, options, depth
+
+
+def check_export_tensors(file, model):
+    """model.safetensors of an export holds exactly the kept layers and the bases of this model, or one line."""
+    if not file.is_file():
+        raise FileNotFoundError(f"{file}: not found (an export holds its frozen weights there)")
+    rank, shapes = model.options["rank"], {n: tuple(t.shape) for n, t in model.base.state_dict().items()}
+    for t in TARGETS:
+        out, inp = model.layer.get_submodule(t).weight.shape
+        shapes |= {f"model.layers.{model.recurrent}.{t}.lora_A": (rank, inp),
+                   f"model.layers.{model.recurrent}.{t}.lora_B": (out, rank)}
+    try:
+        with safe_open(file, framework="pt", device="cpu") as f:
+            saved = {n: tuple(f.get_slice(n).get_shape()) for n in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e})") from None
+    diff = [f"{n}: file {saved.get(n, 'missing')}, model {s}" for n, s in shapes.items() if saved.get(n) != s]
+    diff += [f"{n}: unexpected" for n in saved if n not in shapes]
+    if diff:
+        raise ValueError(f"{file}: not the tensors of its config.json ({'; '.join(diff[:2])}; {len(diff)} in all)")
+
+# ----------------------------------------------------------------------------------------
 # Part 1 with Part 2 plugged in. Each class subclasses Part 1's class of the same name, so that
 # whatever the whole file builds is the class below; each function wraps Part 1's (kept as a
 # default argument). What Part 1 computes, they compute too (a test runs Part 1 alone against them).
@@ -1344,6 +1499,34 @@ class Ouroboros(Ouroboros):
         device, dtype = placement(device, dtype)
         return cls.build(cfg, random_weights(cfg, device), device, dtype, options)
 
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **options):
+        """A base checkpoint (Part 1's surgery), or an export, which carries its options (from_export)."""
+        if read_json(Path(path) / "config.json", "a Hugging Face checkpoint directory has one"
+                     ).get("model_type") != "ouroboros":
+            return super().from_pretrained(path, device, dtype, **options)
+        if options:
+            raise ValueError(f"{path}: an export is read with the options it was made with; give none "
+                             f"(given: {', '.join(options)})")
+        return cls.from_export(path, device, dtype)
+
+    @classmethod
+    def from_export(cls, path, device=None, dtype=None):
+        """The model a folder of `export` holds: its kept layers and LoRA bases, and its trainables.
+        The depth to run it at is its config.json's (read_export)."""
+        cfg, options, _ = read_export(path)
+        device, dtype = placement(device, dtype)
+        with torch.device(device):
+            model = cls(cfg, **options)  # trainables: float32, initialised on the device
+        check_export_tensors(Path(path) / "model.safetensors", model)
+        with safe_open(Path(path) / "model.safetensors", framework="pt", device=str(device)) as f:
+            load_frozen(model.base, f.get_tensor, dtype)
+            for slot, t in enumerate(TARGETS):  # the bases, as build made them from the layers now gone
+                A, B = (f.get_tensor(f"model.layers.{model.recurrent}.{t}.lora_{x}").to(dtype) for x in "AB")
+                model.layer.set_submodule(t, LoRALinear(model.layer.get_submodule(t), A, B, slot))
+        model.load_trainable(Path(path) / "ouroboros.safetensors")
+        return model
+
     def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
         if not 1 <= depth <= self.options["max_steps"]:
             raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
@@ -1385,11 +1568,15 @@ def stream(model, idx, max_new_tokens, depth=4, temperature=1.0, top_k=None, com
     yield from unchecked(model, idx, max_new_tokens, depth, temperature, top_k, decode=decoding(compile))
 
 # ----------------------------------------------------------------------------------------
-# Command line: generate text
+# Command line: generate text; export a trained model
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Generate text with Ouroboros from a Qwen2 checkpoint.")
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["export"]:
+        return export_main(argv[1:])
+    ap = argparse.ArgumentParser(description="Generate text with Ouroboros from a Qwen2 checkpoint. "
+                                 "`python ouroboros.py export --help`: a folder that transformers loads.")
     ap.add_argument("--model", required=True, help="Hugging Face checkpoint directory (config.json, "
                     "safetensors, tokenizer.json)")
     ap.add_argument("--trained", help="trainable weights saved by train.py (OUT/ouroboros.safetensors); "
@@ -1455,6 +1642,24 @@ def main(argv=None):
         print(f"decode: {(len(new) - 1) / (time.perf_counter() - t_first):.1f} tokens/s"
               + (f", {sum(steps) / len(steps):.2f} loop steps per token (at most {args.depth})" if steps else ""),
               file=sys.stderr)
+
+
+def export_main(argv):
+    ap = argparse.ArgumentParser(prog="ouroboros.py export", description="Write a Hugging Face folder of a trained "
+                                 "Ouroboros: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) "
+                                 "loads it, and so does Ouroboros.from_pretrained(OUT).")
+    ap.add_argument("--model", required=True, help="the Hugging Face checkpoint directory it was trained from "
+                    "(config.json, safetensors, tokenizer.json)")
+    ap.add_argument("--trained", required=True, help="trainable weights saved by train.py (ouroboros.safetensors "
+                    "in its --out)")
+    ap.add_argument("--out", required=True, help="the folder to write: a new one (never one that holds files)")
+    ap.add_argument("--depth", type=int, default=4, help="loop steps the exported model runs")
+    args = ap.parse_args(argv)
+    try:
+        out = export(args.model, args.trained, args.out, args.depth)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")
+    print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True) loads it")
 
 
 if __name__ == "__main__":

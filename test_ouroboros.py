@@ -2257,6 +2257,164 @@ def test_ddp_two_processes_keep_identical_weights(tmp_path, demo):
     assert np.array_equal(np.concatenate(halves), single) and len(halves[0]) < len(single)
 
 # ----------------------------------------------------------------------------------------
+# Export: a Hugging Face folder that transformers loads (python ouroboros.py export)
+
+
+def export(tiny, trained, out, *flags):
+    ob.main(["export", "--model", str(tiny), "--trained", str(trained), "--out", str(out), *flags])
+    return out
+
+
+def base_with(tiny, trained):
+    """The model an export of `trained` holds, built from the base as generation builds it."""
+    model = ob.Ouroboros.from_pretrained(tiny, device="cpu", **ob.read_trainable_options(trained))
+    model.load_trainable(trained)
+    return model
+
+
+@pytest.mark.parametrize("options", [None, dict(halting=True, coda_rank=2, controller="static")])
+def test_an_export_reads_back_as_the_model_it_came_from(tiny, trained, tmp_path, options):
+    """Ouroboros.from_pretrained(OUT) gives the base's logits with the trainables, to the bit. OUT holds the
+    kept layers 0, 3 and 5 of 6 (the removed 1, 2 and 4 live on only in layer 3's 14 LoRA bases), the
+    trainables, the tokenizer and this ouroboros.py; weights in safetensors, nothing pickled."""
+    if options:  # the extensions' trainables (halting head, coda adapters) travel too
+        trained = tmp_path / "t.safetensors"
+        randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu", **options)).save_trainable(trained)
+    out = export(tiny, trained, tmp_path / "hf", "--depth", "3")
+    assert sorted(f.name for f in out.iterdir()) == ["config.json", "model.safetensors", "modeling_ouroboros.py",
+                                                     "ouroboros.py", "ouroboros.safetensors", "tokenizer.json"]
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        layers = {int(name.split(".")[2]) for name in f.keys() if name.startswith("model.layers.")}
+        bases = [name for name in f.keys() if ".lora_" in name]
+    assert layers == {0, 3, 5} and len(bases) == 14 and all(b.startswith("model.layers.3.") for b in bases)
+    config = json.loads((out / "config.json").read_text())
+    assert (config["model_type"], config["depth"], config["auto_map"]["AutoModelForCausalLM"]) == \
+        ("ouroboros", 3, "modeling_ouroboros.OuroborosForCausalLM")
+    assert (out / "ouroboros.py").read_bytes() == Path(ob.__file__).read_bytes()
+    assert (out / "tokenizer.json").read_bytes() == (tiny / "tokenizer.json").read_bytes()
+    model, back = base_with(tiny, trained), ob.Ouroboros.from_pretrained(out)
+    assert back.options == model.options and torch.equal(back(ids(), 3)[0], model(ids(), 3)[0])
+
+
+def test_ouroboros_py_imports_neither_transformers_nor_the_project():
+    """An export holds ouroboros.py alone: it imports nothing of the project, and transformers only in
+    the modeling file it writes out (MODELING)."""
+    import ast
+    tree = ast.parse((HERE / "ouroboros.py").read_text())
+    modules = {(node.module if isinstance(node, ast.ImportFrom) else alias.name).split(".")[0]
+               for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom)) for alias in node.names}
+    assert not modules & {"transformers", "train", "checkpoint", "data", "experiments"}, modules
+    assert "from transformers import" in ob.MODELING and "from .ouroboros import Ouroboros" in ob.MODELING
+
+
+# What a transformers user runs, in a process of its own (transformers' copy of the remote code goes to
+# HF_MODULES_CACHE, here under tmp_path): logits, the loss with labels, greedy tokens, padding refused.
+TRANSFORMERS_USER = """
+import sys, torch, transformers
+from safetensors.torch import load_file, save_file
+folder, inputs, outputs = sys.argv[1:]
+x = load_file(inputs)
+model = transformers.AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)
+result = model(x["idx"], labels=x["idx"])
+greedy = model.generate(x["prompt"], max_new_tokens=8, do_sample=False)
+save_file(dict(logits=result.logits.contiguous(), loss=result.loss, greedy=greedy), outputs)
+try:
+    model(x["idx"], attention_mask=torch.ones_like(x["idx"]).tril())
+except ValueError as e:
+    print(type(model).__module__.split(".")[0], transformers.__version__, e)
+"""
+
+
+def test_transformers_loads_an_export_with_our_logits_loss_and_greedy_tokens(tiny, trained, tmp_path):
+    pytest.importorskip("transformers", reason="the export's transformers side: pip install transformers")
+    out = export(tiny, trained, tmp_path / "hf", "--depth", "3")
+    idx, prompt = ids(), ids(B=1, T=5)
+    save_file({"idx": idx, "prompt": prompt}, tmp_path / "in.safetensors")
+    run = subprocess.run([sys.executable, "-c", TRANSFORMERS_USER, str(out), "in.safetensors", "out.safetensors"],
+                         cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith("transformers_modules ") and run.stdout.endswith(
+        " attention_mask has padding: Ouroboros attends to every position\n"), run.stdout
+    got, model = load_file(tmp_path / "out.safetensors"), base_with(tiny, trained)
+    logits, loss = model(idx, 3, F.pad(idx[:, 1:], (0, 1), value=-100))  # transformers' labels, shifted once
+    torch.testing.assert_close(got["logits"], logits)
+    torch.testing.assert_close(got["loss"], loss)
+    assert torch.equal(got["greedy"], ob.generate(model, prompt, 8, 3, temperature=0))
+
+
+# Each case: flags after "export --model {tiny} --trained {trained} --out {tmp}/out" (a later flag wins),
+# and what the error line says. {tmp}/full holds a file of the user's; {tmp}/bare is tiny without a tokenizer.
+BAD_EXPORTS = {
+    "trained for another base": (["--trained", "{other}"],
+                                 "saved with other options (config hidden_size: file 48, model 32"),
+    "out holds files": (["--out", "{tmp}/full"], "--out {tmp}/full: holds files (an export never replaces anything"),
+    "out is a file": (["--out", "{tmp}/full/mine.txt"], "--out {tmp}/full/mine.txt: is a file"),
+    "depth past the trained table": (["--depth", "9"], "--depth 9 is outside 1..8 (max_steps)"),
+    "trained not found": (["--trained", "{tmp}/none.safetensors"], "{tmp}/none.safetensors: not found"),
+    "no tokenizer": (["--model", "{tmp}/bare"], "{tmp}/bare/tokenizer.json: not found"),
+    "no model folder": (["--model", "{tmp}/none"], "--model {tmp}/none: no such folder"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_EXPORTS))
+def test_export_refuses_bad_input_in_one_line_before_loading_weights(tiny, trained, other_trained, tmp_path,
+                                                                      monkeypatch, case):
+    """Nothing is loaded, and nothing is written: the user's file is as it was, and no folder is left."""
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "mine.txt").write_text("mine")
+    shutil.copytree(tiny, tmp_path / "bare", ignore=shutil.ignore_patterns("tokenizer.json"))
+    before = sorted(tmp_path.rglob("*"))
+    monkeypatch.setattr(ob.Checkpoint, "__init__", lambda *a: pytest.fail("weights loaded before the check"))
+    flags, message = BAD_EXPORTS[case]
+    fill = lambda text: text.format(tmp=tmp_path, other=other_trained)  # noqa: E731
+    with pytest.raises(SystemExit) as e:
+        export(tiny, trained, tmp_path / "out", *map(fill, flags))
+    line = str(e.value.code)
+    assert line.startswith("error: ") and "\n" not in line and fill(message) in line, line
+    assert sorted(tmp_path.rglob("*")) == before and (tmp_path / "full" / "mine.txt").read_text() == "mine"
+
+
+def edit_json(file, **changes):
+    file.write_text(json.dumps({**json.loads(file.read_text()), **changes}))
+
+
+# Each case: what is done to an export of {trained} at OUT, and what the error says.
+BAD_READS = {
+    "a tensor missing": (lambda out, other: save_file(
+        {k: v for k, v in load_file(out / "model.safetensors").items() if k != "model.norm.weight"},
+        out / "model.safetensors"), "model.safetensors: not the tensors of its config.json "
+                                   "(model.norm.weight: file missing, model (32,); 1 in all)"),
+    "a depth past the table": (lambda out, other: edit_json(out / "config.json", depth=9),
+                               "config.json: key 'depth' is 9: must be an integer in 1..8"),
+    "an option of the wrong kind": (lambda out, other: edit_json(out / "config.json", ouroboros={"rank": "eight"}),
+                                    "config.json: option 'rank' is 'eight' in its 'ouroboros': must be an integer"),
+    "trainables of another base": (lambda out, other: shutil.copyfile(other, out / "ouroboros.safetensors"),
+                                   "ouroboros.safetensors: saved with other options (rank: file 8, model 4"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_READS))
+def test_reading_a_damaged_export_is_one_line(tiny, trained, other_trained, tmp_path, case):
+    out = export(tiny, trained, tmp_path / "hf")
+    damage, message = BAD_READS[case]
+    damage(out, other_trained)
+    with pytest.raises(ValueError) as e:
+        ob.Ouroboros.from_pretrained(out)
+    assert message in str(e.value) and "\n" not in str(e.value), e.value
+
+
+def test_an_export_is_read_with_its_own_options_and_a_base_is_no_export(tiny, trained, tmp_path):
+    out = export(tiny, trained, tmp_path / "hf")
+    with pytest.raises(ValueError, match=re.escape(f"{out}: an export is read with the options it was made with; "
+                                                   "give none (given: rank)")):
+        ob.Ouroboros.from_pretrained(out, rank=4)
+    with pytest.raises(ValueError, match=re.escape(f"{tiny}: not an Ouroboros export (config.json: model_type "
+                                                   "'qwen2' and no 'ouroboros' options; make one with python "
+                                                   "ouroboros.py export)")):
+        ob.Ouroboros.from_export(tiny)
+
+# ----------------------------------------------------------------------------------------
 # CUDA: bf16 frozen weights, flash attention (skipped without a GPU)
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -2502,3 +2660,119 @@ def test_gpu_script_smoke_mode_runs_every_stage(tmp_path):
     assert figures["decode"]["long_prompt_tokens"] > figures["decode"]["short_prompt_tokens"]
     assert 0 < figures["decode"]["work_ops_per_token"] < figures["decode"]["ops_per_token"]
     assert not list(tmp_path.glob("*.tmp"))  # every file renamed into place
+
+# ----------------------------------------------------------------------------------------
+# lm-evaluation-harness through our model (experiments/evaluate.py; skipped without lm-eval)
+
+
+@pytest.fixture(scope="module")
+def evaluation(tiny, tmp_path_factory):
+    """(the lm-eval module, our evaluate module, trainables of `tiny` with non-zero values)."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is an extra: pip install -r experiments/"
+                                  "requirements-eval.txt")
+    from experiments import evaluate
+    file = tmp_path_factory.mktemp("eval") / "ouroboros.safetensors"
+    torch.manual_seed(0)
+    randomize_trainables(ob.Ouroboros.from_pretrained(tiny, device="cpu"), std=0.1).save_trainable(file)
+    return lm_eval, evaluate, file
+
+
+def requests(kind, *arguments):
+    from lm_eval.api.instance import Instance
+    return [Instance(request_type=kind, doc={}, arguments=a, idx=i) for i, a in enumerate(arguments)]
+
+
+@pytest.mark.parametrize("which", ["ours", "baseline", "full"])
+def test_lm_eval_receives_our_models_sum_of_token_log_probabilities(tiny, evaluation, which):
+    """Batched, padded and truncated as lm-eval's requests come, each loglikelihood is the sum of the
+    continuation's token log-probabilities that the model gives it alone, to float32 round-off."""
+    _, evaluate, file = evaluation
+    lm = evaluate.OuroborosLM(str(tiny), file, which, depth=3, batch_size=3, max_length=24, device="cpu")
+    source = (HERE / "ouroboros.py").read_text()
+    pairs = [(source[:40], source[40:52]), ("def main(", "argv=None):"), ("", "import torch"),
+             (source[:300], source[300:310]), ("x = 1 ", "+ 2")]  # one truncated to 24 tokens; an empty context
+    got = lm.loglikelihood(requests("loglikelihood", *pairs))
+    model = ob.Qwen2.from_pretrained(tiny, device="cpu") if which == "full" else \
+        ob.Ouroboros.from_pretrained(tiny, device="cpu", **ob.read_trainable_options(file))
+    if which == "ours":
+        model.load_trainable(file)
+    tok = ob.read_tokenizer(tiny)
+    for (context, continuation), (logprob, greedy) in zip(pairs, got):
+        context, continuation = context.rstrip(" "), context[len(context.rstrip(" ")):] + continuation
+        ctx = tok.encode(context, add_special_tokens=False).ids or [tok.token_to_id("<|endoftext|>")]
+        cont = tok.encode(context + continuation, add_special_tokens=False).ids[len(ctx) if context else 0:]
+        x = torch.tensor([(ctx + cont)[-25:][:-1]])
+        logits = {"ours": lambda: model(x, 3)[0], "baseline": lambda: model.baseline(x)[0],
+                  "full": lambda: model(x)[0]}[which]().float()
+        at = F.log_softmax(logits[0, -len(cont):], -1)
+        expected = at.gather(1, torch.tensor(cont)[:, None]).sum().item()
+        assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-5)
+        assert greedy == bool((at.argmax(-1) == torch.tensor(cont)).all())
+
+
+def test_lm_eval_rolling_loglikelihood_and_generation_go_through_our_model(tiny, evaluation):
+    """loglikelihood_rolling: a text that fits in one window is log p(text | <|endoftext|>); in windows
+    of 8 tokens each token is still predicted once. generate_until: ob.generate's greedy tokens, cut
+    at the first stop string."""
+    _, evaluate, file = evaluation
+    lm = evaluate.OuroborosLM(str(tiny), file, "ours", depth=2, device="cpu")
+    text = (HERE / "README.md").read_text()[:40]
+    tok = ob.read_tokenizer(tiny)
+    tokens = [tok.token_to_id("<|endoftext|>")] + tok.encode(text, add_special_tokens=False).ids
+    logits = lm.model(torch.tensor([tokens]), 2)[0].float()
+    expected = F.log_softmax(logits[0, :-1], -1).gather(1, torch.tensor(tokens[1:])[:, None]).sum().item()
+    assert lm.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))[0] == pytest.approx(expected, 1e-5)
+    lm.max_length = 8
+    assert lm.loglikelihood_rolling(requests("loglikelihood_rolling", (text,)))[0] < 0
+    lm.max_length = 64
+    prompt = "def main("
+    [got] = lm.generate_until(requests("generate_until", (prompt, {"until": ["\n"], "max_gen_toks": 12})))
+    idx = torch.tensor([tok.encode(prompt, add_special_tokens=False).ids])
+    new = ob.generate(lm.model, idx, 12, 2, temperature=0)[0, idx.size(1):].tolist()
+    assert got == tok.decode(new).split("\n")[0]
+
+
+def test_lm_eval_scores_the_baseline_the_full_model_and_ours_on_the_local_task(tiny, evaluation, tmp_path, capsys):
+    """One command: the three models through lm-eval on the next-line task made from held-out files
+    (here the json family of this Python's library), a table, and results.json."""
+    _, evaluate, file = evaluation
+    shutil.copytree(tiny, tmp_path / "base")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.json").write_text(json.dumps({"held_out_families": ["json"]}))
+    argv = ["--model", str(tmp_path / "base"), "--trained", str(file), "--depth", "2", "--out",
+            str(tmp_path / "eval"), "--limit", "12", "--device", "cpu"]
+    table = evaluate.main(argv)
+    docs = [json.loads(line) for line in (tmp_path / "eval" / "tasks" / "stdlib_next_line.jsonl").open()]
+    assert len(docs) == 200 and all(len(d["choices"]) == 4 and 0 <= d["answer"] < 4 for d in docs)
+    results = json.loads((tmp_path / "eval" / "results.json").read_text())["results"]
+    assert list(results) == ["baseline", "full", "ours"] == list(table)
+    for which in results:
+        assert 0 <= results[which]["stdlib_next_line"]["acc"] <= 1
+    assert "stdlib_next_line acc: baseline " in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tasks", "no_such_task"], "--tasks: unknown task 'no_such_task'"),
+    (["--trained", "{other}"], "saved with other options"),
+    (["--depth", "0"], "--depth 0 must be at least 1"),
+    ([], "no config.json"),
+])
+def test_lm_eval_command_refuses_bad_input_in_one_line(tiny, evaluation, other_trained, tmp_path, argv, message):
+    _, evaluate, file = evaluation
+    model = str(tmp_path / "nowhere") if argv == [] else str(tiny)
+    argv = [a.replace("{other}", str(other_trained)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(["--model", model, "--trained", str(file), "--out", str(tmp_path / "eval"), *argv])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_our_qwen2_gives_the_logits_of_transformers_qwen2(tiny):
+    """The reference implementation of Qwen2, where the extra is installed: the same checkpoint, the
+    same logits (float32), sharded checkpoint and tied embeddings included."""
+    transformers = pytest.importorskip("transformers", reason="transformers is an extra: pip install -r "
+                                       "experiments/requirements-eval.txt")
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32).eval()
+    idx = ids()
+    with torch.no_grad():
+        expected = reference(idx).logits
+    torch.testing.assert_close(ob.Qwen2.from_pretrained(tiny, device="cpu")(idx)[0], expected, atol=1e-5, rtol=1e-5)
