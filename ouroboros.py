@@ -410,6 +410,7 @@ class Ouroboros(nn.Module):
 
     @staticmethod
     def prefix_sums(x):
+        """x_0 + ... + x_τ at each position τ of x (B, T, d); Part 2 sums without a scan over T."""
         return x.cumsum(1)
 
     def modulation(self, h, s, cache=None):
@@ -1446,9 +1447,7 @@ def placement(device, dtype, unchecked=placement):
 
 
 class MLP(MLP):
-    @staticmethod
-    def swiglu(gate, up):
-        return SwiGLU.apply(gate, up)  # keeps two tokens × intermediate tensors for backward, not three
+    swiglu = staticmethod(SwiGLU.apply)  # keeps two tokens × intermediate tensors for backward, not three
 
 
 class Qwen2(Qwen2):
