@@ -22,7 +22,7 @@ Our model class, registered in lm-eval as "ouroboros":
 The local task, stdlib_next_line, is what --demo scores: multiple-choice items made from the
 held-out module families of the demo's data (files never trained on). The context is a few lines of
 a file, the choices are the true next line and three lines of other files; acc is how often the true
-line gets the highest log-likelihood, acc_norm the highest per byte (chance: 25%).
+line gets the highest log-likelihood, acc_norm the highest per character (chance: 25%).
 """
 import argparse
 import json
@@ -196,14 +196,16 @@ def make_local_task(data, out, items=200, seed=0):
         docs.append(dict(context="\n".join(lines[f][max(0, i - 8):i])[-600:] + "\n", choices=choices, answer=answer))
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    Path(f"{out}/{LOCAL_TASK}.jsonl.tmp").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    os.replace(f"{out}/{LOCAL_TASK}.jsonl.tmp", out / f"{LOCAL_TASK}.jsonl")
+    metrics = "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
+                      for m in ("acc", "acc_norm"))
     yaml = (f"task: {LOCAL_TASK}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
-            f"    test: {(out / f'{LOCAL_TASK}.jsonl').resolve()}\ntest_split: test\n"
-            "output_type: multiple_choice\ndoc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\n"
-            'target_delimiter: ""\nmetric_list:\n' + "".join(f"  - metric: {m}\n    aggregation: mean\n    higher_is_better: true\n"
-                                                for m in ("acc", "acc_norm")))
-    (out / f"{LOCAL_TASK}.yaml").write_text(yaml)
+            f"    test: {(out / f'{LOCAL_TASK}.jsonl').resolve()}\ntest_split: test\noutput_type: multiple_choice\n"
+            'doc_to_text: context\ndoc_to_choice: choices\ndoc_to_target: answer\ntarget_delimiter: ""\n'
+            f"metric_list:\n{metrics}")
+    jsonl = "".join(json.dumps(d) + "\n" for d in docs)
+    for name, text in ((f"{LOCAL_TASK}.jsonl", jsonl), (f"{LOCAL_TASK}.yaml", yaml)):
+        Path(f"{out / name}.tmp").write_text(text)  # then renamed: never a half-written file
+        os.replace(f"{out / name}.tmp", out / name)
     return out
 
 # ----------------------------------------------------------------------------------------
