@@ -33,7 +33,8 @@ train: 9,193,088 numbers at rank 8 on Qwen2.5-3B.
 Part 1 is the method in plain PyTorch, in the paper's order: config → Qwen2 → surgery and SVD
 bases → Controller → the recurrent model (gate, per-step norms, the loop) → loading → generation.
 It runs on its own: cut the file at the PART 2 banner, and what is left loads a checkpoint,
-trains and generates, with the same numbers to float32 round-off (a test runs it so).
+trains and generates (with the causal pool), with the same numbers to float32 round-off (a test
+runs it so). The classes Part 2 extends keep their names, so what the whole file runs is Part 2's.
 Part 2 plugs into Part 1 what a paper leaves out: kernels that keep less for backward, mixed
 precision, per-token halting, coda adapters, checkpointing, compiled decoding, the checks of
 every input, FLOP counting, the export to a Hugging Face folder and the command line.
@@ -88,7 +89,7 @@ class Qwen2Config:
         return cls(**{name: raw[name] for name in cls.__dataclass_fields__ if name in raw})
 
     def to_dict(self):
-        """config.json contents, as transformers 4.x writes them."""
+        """config.json contents, as transformers writes them."""
         return {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], **asdict(self)}
 
 # ----------------------------------------------------------------------------------------
@@ -344,7 +345,8 @@ class Ouroboros(nn.Module):
 
     Build it with from_pretrained. The constructor makes the trainables (the paper's: Controller,
     gate, per-step norms) and an empty (meta) frozen trunk; `build` fills the trunk from the
-    checkpoint and does the surgery."""
+    checkpoint and does the surgery. Part 2's Ouroboros, a subclass under the same name, adds what
+    goes beyond the paper (halting, coda adapters, the "blind" control, mixed precision)."""
     CONTROLLERS = {"dynamic": Controller, "static": StaticModulation, "none": None}
 
     def __init__(self, cfg, rank=8, alpha=16.0, prelude=None, recurrent=None, coda=None,
@@ -363,7 +365,7 @@ class Ouroboros(nn.Module):
         # c_s; controller="none" is the ablation "loop alone": layer R looped as it is, only gate and norms train
         kind = self.CONTROLLERS[controller]
         self.controller = kind(d, rank, max_steps, controller_width) if kind else None
-        self.pool = pool  # at run time: a mean-pool model can be evaluated with "causal" (as it generates)
+        self.pool = pool  # may change at run time: a mean-pool model scored with the causal pool sees no future
         self.gate = nn.Linear(2 * d, d) if gate else None  # g = σ(W_g [h_new; h] + b_g)
         if gate:
             nn.init.zeros_(self.gate.weight)
@@ -400,7 +402,7 @@ class Ouroboros(nn.Module):
         """p, what the Controller reads, in float32: the mean of h over the whole sequence (pool="mean",
         the paper's: every position sees the future), or over positions 0..τ for each position τ
         (causal). When generating, the step's cache carries the sum of the positions before."""
-        if self.pool == "mean":
+        if self.pool == "mean":  # it cannot generate: each new token would change every earlier position's p
             return h.float().mean(1, keepdim=True)  # (B, 1, d)
         sums = self.prefix_sums(h.float())  # (B, T, d): h_0 + ... + h_τ
         count = torch.arange(1, h.size(1) + 1, device=h.device)  # τ + 1, (T,)
@@ -1300,6 +1302,8 @@ def export(model_dir, trained, out, depth=4):
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):  # an empty folder may be replaced
         raise ValueError(f"--out {out}: {'holds files' if out.is_dir() else 'is a file'} (an export never "
                          "replaces anything: give a new folder)")
+    if (inside := next((p for p in out.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise ValueError(f"--out {out}: {inside} is a file, not a folder")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"--model {model_dir}: no such folder (a Hugging Face checkpoint directory)")
     raw = read_json(model_dir / "config.json", "a Hugging Face checkpoint directory has one")
@@ -1314,15 +1318,13 @@ def export(model_dir, trained, out, depth=4):
         stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # as a folder made by mkdir would be (mkdtemp makes it private)
+    os.chmod(stage, as_made(0o777))  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
         dtype = Checkpoint(model_dir, "cpu").read("model.norm.weight").dtype  # the frozen weights keep the base's
         model = Ouroboros.from_pretrained(model_dir, "cpu", dtype, **options)
         model.load_trainable(trained)
         frozen = {**model.base.state_dict(), **dict(model.base.named_buffers())}  # the buffers: the LoRA bases
-        save_file({k: v.contiguous() for k, v in frozen.items()}, stage / "model.safetensors", {"format": "pt"})
+        save_atomic({k: v.contiguous() for k, v in frozen.items()}, stage / "model.safetensors", {"format": "pt"})
         model.save_trainable(stage / "ouroboros.safetensors")
         write_json(stage / "config.json", {**raw, "model_type": "ouroboros", "architectures": ["OuroborosForCausalLM"],
                                            "auto_map": AUTO_MAP, "ouroboros": model.options, "depth": depth})
@@ -1444,6 +1446,19 @@ class Checkpoint(Checkpoint):
 def placement(device, dtype, unchecked=placement):
     check_device(device)
     return unchecked(device, dtype)
+
+
+def save_atomic(tensors, file, metadata=None, private=save_atomic):
+    """Part 1's, and the file as readable as any file made here (safetensors writes it for its owner only)."""
+    private(tensors, file, metadata)
+    os.chmod(file, as_made(0o666))
+
+
+def as_made(mode):
+    """The permissions open() or mkdir() would give, under this process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return mode & ~umask
 
 
 class MLP(MLP):

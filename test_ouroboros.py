@@ -2350,6 +2350,8 @@ BAD_EXPORTS = {
                                  "saved with other options (config hidden_size: file 48, model 32"),
     "out holds files": (["--out", "{tmp}/full"], "--out {tmp}/full: holds files (an export never replaces anything"),
     "out is a file": (["--out", "{tmp}/full/mine.txt"], "--out {tmp}/full/mine.txt: is a file"),
+    "out inside a file": (["--out", "{tmp}/full/mine.txt/x"],
+                          "--out {tmp}/full/mine.txt/x: {tmp}/full/mine.txt is a file"),
     "depth past the trained table": (["--depth", "9"], "--depth 9 is outside 1..8 (max_steps)"),
     "trained not found": (["--trained", "{tmp}/none.safetensors"], "{tmp}/none.safetensors: not found"),
     "no tokenizer": (["--model", "{tmp}/bare"], "{tmp}/bare/tokenizer.json: not found"),
@@ -2661,6 +2663,16 @@ def test_gpu_script_smoke_mode_runs_every_stage(tmp_path):
     assert 0 < figures["decode"]["work_ops_per_token"] < figures["decode"]["ops_per_token"]
     assert not list(tmp_path.glob("*.tmp"))  # every file renamed into place
 
+def test_saved_weights_are_readable_as_any_file_made_here(tiny, tmp_path):
+    """safetensors writes a file for its owner alone (0600); ours get what open() would give them."""
+    umask = os.umask(0o022)
+    try:
+        ob.Ouroboros.from_pretrained(tiny, device="cpu").save_trainable(tmp_path / "t.safetensors")
+        assert (tmp_path / "t.safetensors").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(umask)
+
+
 # ----------------------------------------------------------------------------------------
 # lm-evaluation-harness through our model (experiments/evaluate.py; skipped without lm-eval)
 
@@ -2752,9 +2764,10 @@ def test_lm_eval_scores_the_baseline_the_full_model_and_ours_on_the_local_task(t
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--tasks", "no_such_task"], "--tasks: unknown task 'no_such_task'"),
+    (["--tasks", "stdlib_next_line,no_such_task"], "--tasks: unknown task 'no_such_task'"),
     (["--trained", "{other}"], "saved with other options"),
-    (["--depth", "0"], "--depth 0 must be at least 1"),
+    (["--depth", "0"], "--depth 0 is outside 1..64"),
+    (["--depth", "65"], "--depth 65 is outside 1..64"),
     ([], "no config.json"),
 ])
 def test_lm_eval_command_refuses_bad_input_in_one_line(tiny, evaluation, other_trained, tmp_path, argv, message):
@@ -2764,6 +2777,7 @@ def test_lm_eval_command_refuses_bad_input_in_one_line(tiny, evaluation, other_t
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model", model, "--trained", str(file), "--out", str(tmp_path / "eval"), *argv])
     assert message in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "eval").exists()  # refused before anything is written: the corrected command runs
 
 
 def test_our_qwen2_gives_the_logits_of_transformers_qwen2(tiny):

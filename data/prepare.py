@@ -261,9 +261,7 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
     counts.update(files=len(files), empty_skipped=0)
     out.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # hidden: never an input
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(stage, 0o777 & ~umask)  # as a folder made by mkdir would be (mkdtemp makes it private)
+    os.chmod(stage, ob.as_made(0o777))  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")

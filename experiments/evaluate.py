@@ -228,21 +228,28 @@ def evaluate(args, tasks, include_path):
     return table
 
 
-def check(args):
-    """Everything that can be refused before a model loads, in one line."""
+def check(args, tasks):
+    """Everything that can be refused before a model loads or a file is written, in one line."""
     if lm_eval is None:
         raise ValueError("lm-eval is not installed: pip install -r experiments/requirements-eval.txt")
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: no config.json (a Hugging Face checkpoint directory)")
+    options = ob.read_trainable_options(args.trained) if args.trained else ob.option_defaults()
     if args.trained:
-        ob.check_trainable(args.trained, ob.read_trainable_options(args.trained),
-                           ob.Qwen2Config.from_pretrained(args.model))
-    for flag in ("depth", "batch_size", "max_length"):
+        ob.check_trainable(args.trained, options, ob.Qwen2Config.from_pretrained(args.model))
+    if not 1 <= args.depth <= options["max_steps"]:
+        raise ValueError(f"--depth {args.depth} is outside 1..{options['max_steps']} (max_steps)")
+    for flag in ("batch_size", "max_length"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
     prepare.check_out(args.out, "--out")
-    if Path(args.out).exists() and any(Path(args.out).iterdir()) and not (Path(args.out) / "results.json").is_file():
+    if Path(args.out).is_dir() and {f.name for f in Path(args.out).iterdir()} - {"results.json", "tasks"}:
         raise ValueError(f"--out {args.out}: holds files that are not an evaluation's; give another --out")
+    known = set(TaskManager(include_path=args.include_path).all_tasks) | {LOCAL_TASK}
+    unknown = [t for t in tasks if t not in known]
+    if not tasks or unknown:
+        raise ValueError(f"--tasks: unknown task {(unknown or [''])[0]!r} (lm-eval's names, e.g. hellaswag, "
+                         f"arc_easy, or {LOCAL_TASK}; --include-path adds a folder of YAMLs)")
 
 
 def main(argv=None):
@@ -270,17 +277,12 @@ def main(argv=None):
             args.trained = args.trained or str(demo / "ouroboros" / "ouroboros.safetensors")
         if not args.model:
             raise ValueError("give --model BASE (and --trained FILE), or --demo")
-        check(args)
-        include = [args.include_path] if args.include_path else []
         tasks = [t for t in args.tasks.split(",") if t]
+        check(args, tasks)
+        include = [args.include_path] if args.include_path else []
         if LOCAL_TASK in tasks:  # made from the held-out files of the data the base was trained on
             data = Path(args.model).parent / "data"
             include.append(str(make_local_task(data, Path(args.out) / "tasks")))
-        known = set(TaskManager(include_path=include or None).all_tasks)
-        unknown = [t for t in tasks if t not in known]
-        if not tasks or unknown:
-            raise ValueError(f"--tasks: unknown task {(unknown or [''])[0]!r} (lm-eval's names, e.g. hellaswag, "
-                             f"arc_easy, or {LOCAL_TASK}; --include-path adds a folder of YAMLs)")
         table = evaluate(args, tasks, include or None)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"error: {e}")
