@@ -2066,6 +2066,22 @@ def test_paired_intervals_find_a_shift_and_none_where_there_is_none():
         "not distinguishable") and miniature.verdict(miniature.paired(a + 0.01, a), "lower") == "reversed"
 
 
+def test_equal_needs_an_interval_within_the_margin_and_holm_corrects_the_claims_together():
+    """An "equal" claim holds only when the 90% interval lies within ±MARGIN: a zero difference measured
+    too loosely is "not shown equal". Holm keeps the smallest p-values that stay under alpha / (m − k)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(5, 0.3, (1, 400))
+    tight = miniature.paired(a + rng.normal(0, 0.001, a.shape), a)
+    loose = miniature.paired(a + rng.normal(0, 0.3, a.shape), a)
+    assert miniature.verdict(tight, "equal").startswith("equal within ±0.005")
+    assert miniature.verdict(loose, "equal").startswith("not distinguishable, not shown equal")
+    assert miniature.verdict(miniature.paired(a - 0.05, a), "equal") == "not reproduced: A lower"
+    assert miniature.holm([0.001, 0.04, 0.03, 0.5]) == [True, False, False, False]  # 0.03 > 0.05 / 3
+    assert miniature.holm([0.001, 0.02, 0.01]) == [True, True, True]
+    assert miniature.verdict(miniature.paired(a - 0.01, a), "lower", survives=False) == "reproduced, not after Holm"
+    assert 0 < loose["p"] <= 1 and tight["lo90"] >= tight["lo"] and tight["hi90"] <= tight["hi"]
+
+
 def test_an_interrupted_base_says_to_run_the_same_command(tmp_path):
     """The base's pretraining stopped by Ctrl-C (run_logged returns False, with no diverged.txt):
     the message is the command that works, not train.py's "--resume", which the study has not."""

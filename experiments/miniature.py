@@ -303,17 +303,34 @@ def collect(work, budget):
     return rows
 
 
+MARGIN = 0.005  # nats: "equal" means A − B is shown to lie within ±MARGIN, not merely that 0 is not excluded
+
+
 def paired(a, b, resamples=2000):
-    """Mean of A − B over the evaluation batches and a 95% bootstrap interval. a, b: (seeds, batches)
-    losses of the same batches, the seeds in the same order (a frozen model's single row is repeated);
-    the batches are resampled, and the seeds too when there are several."""
+    """Mean of A − B over the evaluation batches, its 95% bootstrap interval (lo, hi), its 90% one
+    (lo90, hi90: the two one-sided tests of equivalence at 5%), and a two-sided bootstrap p of A = B.
+    a, b: (seeds, batches) losses of the same batches, the seeds in the same order (a frozen model's
+    single row is repeated); the batches are resampled, and the seeds too when there are several."""
     d = np.asarray(a) - np.asarray(b)
     S, N = d.shape
     rng = np.random.default_rng(0)  # the same resamples every time the report is written
     seeds = rng.integers(0, S, (resamples, S)) if S > 1 else np.zeros((resamples, 1), int)
     stats = d[seeds[:, :, None], rng.integers(0, N, (resamples, N))[:, None, :]].mean((1, 2))
-    lo, hi = np.percentile(stats, [2.5, 97.5])
-    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), seeds=S, batches=N)
+    lo, lo90, hi90, hi = np.percentile(stats, [2.5, 5, 95, 97.5])
+    p = max(1 / resamples, min(1.0, 2 * min((stats >= 0).mean(), (stats <= 0).mean())))
+    return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), lo90=float(lo90), hi90=float(hi90),
+                p=float(p), seeds=S, batches=N)
+
+
+def holm(ps, alpha=0.05):
+    """Which of the p-values ps are rejected at family-wise level alpha (Holm, 1979): the k-th smallest
+    p against alpha / (m − k), stopping at the first that is not."""
+    rejected = [False] * len(ps)
+    for k, i in enumerate(sorted(range(len(ps)), key=lambda i: ps[i])):
+        if ps[i] > alpha / (len(ps) - k):
+            break
+        rejected[i] = True
+    return rejected
 
 
 def compare(rows, a, b, split):
@@ -328,14 +345,34 @@ def compare(rows, a, b, split):
     return paired([pick(ra, s) for s in common], [pick(rb, s) for s in common])
 
 
-def verdict(c, expect):
-    """The reading of A − B: against the paper's expectation, decided by the interval alone."""
+def verdict(c, expect, survives=True):
+    """The reading of A − B against the paper's expectation. "lower": decided by the 95% interval, and
+    `survives` says whether the difference stands once the claims are corrected together (holm).
+    "equal": shown only when the 90% interval lies within ±MARGIN (two one-sided tests)."""
     if c is None:
         return "-"
+    held = "" if survives else ", not after Holm"
     if expect == "lower":
-        return "reproduced" if c["hi"] < 0 else "reversed" if c["lo"] > 0 else "not distinguishable"
-    return ("not distinguishable (as claimed)" if c["lo"] <= 0 <= c["hi"] else
-            f"not reproduced: A {'lower' if c['hi'] < 0 else 'higher'}")
+        return ("reproduced" + held if c["hi"] < 0 else "reversed" + held if c["lo"] > 0 else
+                "not distinguishable")
+    if -MARGIN < c["lo90"] and c["hi90"] < MARGIN:
+        return f"equal within ±{MARGIN} (as claimed)"
+    return (f"not distinguishable, not shown equal within ±{MARGIN}" if c["lo"] <= 0 <= c["hi"] else
+            f"not reproduced: A {'lower' if c['hi'] < 0 else 'higher'}" + held)
+
+
+def read_claims(rows, held):
+    """(claim, A, B, expectation, comparison per held-out set, survives Holm per set) of every claim
+    whose rows ran; Holm corrects all of them together, on each held-out set."""
+    read = [(claim, a, b, expect, [compare(rows, a, b, s) for s in held]) for claim, a, b, expect in CLAIMS
+            if a in rows and b in rows and "diverged" not in rows[a] and "diverged" not in rows[b]]
+    read = [r for r in read if None not in r[-1]]  # rows that share no seed are not compared
+    survive = list(zip(*[holm([cs[i]["p"] for *_, cs in read]) for i in range(len(held))])) if read else []
+    return [(*r, ok) for r, ok in zip(read, survive)]
+
+
+def p_value(c):
+    return "p < 0.001" if c["p"] < 0.001 else f"p {c['p']:.3f}"  # 2,000 resamples: 0.0005 is the least
 
 
 def ci(c, spec=".4f"):
@@ -368,13 +405,12 @@ def tables(rows):
         cells += [f"{r['depth']:.2f}" if "depth" in r else "", f"{1e3 * r['flops']:.2f}" if "flops" in r else "",
                   f"{r['trainable']:,}"]
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
-    claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI]" for s in held)
+    claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI], p" for s in held)
               + " | reading (held-out modules) | reading (held-out prose) |", "|" + " --- |" * (6 + len(held))]
-    for claim, a, bb, expect in CLAIMS:
-        if a in rows and bb in rows and "diverged" not in rows[a] and "diverged" not in rows[bb]:
-            cs = [compare(rows, a, bb, s) for s in held]
-            claims.append(f"| {claim} | {a} | {bb} | {cs[0]['seeds']} | " + " | ".join(map(ci, cs)) + " | "
-                          + " | ".join(verdict(c, expect) for c in cs) + (" | -" * (2 - len(held))) + " |")
+    for claim, a, bb, expect, cs, survive in read_claims(rows, held):
+        claims.append(f"| {claim} | {a} | {bb} | {cs[0]['seeds']} | " + " | ".join(
+            f"{ci(c)}, {p_value(c)}" for c in cs) + " | " + " | ".join(
+            verdict(c, expect, ok) for c, ok in zip(cs, survive)) + (" | -" * (2 - len(held))) + " |")
     sweep = ["", "| evaluated at depth | " + " | ".join(
         f"{who}, {SPLITS[s]}" for who in ("authors' protocol", "trained at depth 4", "trained at that depth")
         for s in held) + " |", "|" + " --- |" * (1 + 3 * len(held))]
@@ -524,8 +560,10 @@ def report(work, results, budget, log, meta):
                         for seed, d in zip((0, budget.second_base), base_dirs)},
                  config=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
                  rows={n: {k: v for k, v in r.items() if k != "windows"} for n, r in rows.items()},
-                 claims=[dict(claim=c, a=a, b=b, expect=e, **{s: compare(rows, a, b, s) for s in HELD_OUT})
-                         for c, a, b, e in CLAIMS if a in rows and b in rows])
+                 claims=[dict(claim=c, a=a, b=b, expect=e, **{s: dict(cmp, holm=ok, reading=verdict(cmp, e, ok))
+                                                              for s, cmp, ok in zip(HELD_OUT, cs, survive)})
+                         for c, a, b, e, cs, survive in read_claims(rows, [s for s in HELD_OUT
+                                                                             if s in rows[BASELINE]["mean"]])])
     study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in runs(budget)
                             if not ended(work / "runs" / run.folder)]
     md = tables(rows) + "\n" + lr_table(rows, budget)
