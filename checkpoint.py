@@ -229,17 +229,22 @@ def finish_save(out):
 
 
 @torch.no_grad()
+def final_windows(n_tokens, T, B, budget, world=1):
+    """Where evaluate_final's windows of seq_len T + 1 start in a split of n_tokens (this rank's part), a
+    row per batch of B: evenly spread, never overlapping, up to `budget` tokens in all ranks."""
+    n_slots = (n_tokens - 1) // T
+    n = min(n_slots, max(1, budget // (T * world)))  # windows of this rank
+    B = min(B, n)
+    return ((np.arange(n - n % B) * n_slots // n) * T).reshape(-1, B)
+
+
 def evaluate_final(loss_fn, tokens, budget, args, rank, world, device):
     """The final table's protocol: the loss of each batch of --batch-size non-overlapping windows of
     seq_len + 1 tokens, spread evenly over the whole split (up to `budget` tokens; each rank scores its
     own part, and the parts are gathered). Returns the list of batch losses, all of equal size: the
     units of a paired bootstrap (train.py's curves draw random windows instead)."""
-    T, n_slots = args.seq_len, (len(tokens) - 1) // args.seq_len
-    n = min(n_slots, max(1, budget // (T * world)))  # windows of this rank
-    B = min(args.batch_size, n)
-    starts = (np.arange(n - n % B) * n_slots // n) * T  # evenly spread, never overlapping
-    losses = []
-    for batch in starts.reshape(-1, B):
+    T, losses = args.seq_len, []
+    for batch in final_windows(len(tokens), T, args.batch_size, budget, world):
         window = torch.from_numpy(np.stack([tokens[j:j + T + 1] for j in batch]).astype(np.int64)).to(device)
         losses.append(loss_fn(window[:, :-1], window[:, 1:]).item())
     if world > 1:

@@ -1200,7 +1200,8 @@ def test_prepare_round_trip(tmp_path, demo, kind, as_folder):
     assert (meta["train_documents"], meta["val_documents"]) == (9, 3)
     assert (meta["files"], meta["empty_skipped"]) == (12 if kind == "txt" else 1, 0)
     assert json.loads((tmp_path / "out" / "meta.json").read_text()) == meta
-    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin",
+                                                                "val_documents.json"]
 
 
 def test_lone_text_file_is_cut_at_blank_lines(tmp_path, demo):
@@ -1367,7 +1368,8 @@ def test_prepare_never_replaces_what_is_in_out_unless_told(tmp_path, demo):
     assert {f.name: f.read_bytes() for f in (tmp_path / "out").iterdir()} == before
     prepare.main([str(tmp_path / "b"), "--tokenizer", str(demo[0]), "--out", str(tmp_path / "out"), "--overwrite",
                   "--val-fraction", "0.5"])
-    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin"]
+    assert sorted(f.name for f in (tmp_path / "out").iterdir()) == ["meta.json", "train.bin", "val.bin",
+                                                                "val_documents.json"]
     assert json.loads((tmp_path / "out" / "meta.json").read_text())["train_documents"] == 3
     (tmp_path / "out" / "state.json").write_text("{}")  # a run someone saved in the data folder
     with pytest.raises(ValueError, match="out: holds state.json besides the data, which --overwrite would delete"):
@@ -2026,6 +2028,15 @@ def test_held_out_families_never_straddle_the_split(tmp_path):
     assert meta["val_documents"] == len(in_held) > 0 and meta["train_documents"] + len(in_held) <= len(quick)
     prose = json.loads((tmp_path / "data" / "prose.json").read_text())
     assert prose["tokens"] == (tmp_path / "data" / "prose.bin").stat().st_size // 4 and prose["topics"] > 10
+    # where each document starts, for a bootstrap by family (val.bin) and by topic (prose.bin): after an EOS
+    eos = meta["eos_id"]
+    for tokens, starts in (("val.bin", json.loads((tmp_path / "data" / "val_documents.json").read_text())["starts"]),
+                           ("prose.bin", prose["starts"])):
+        ids = np.fromfile(tmp_path / "data" / tokens, dtype=np.uint32)
+        assert starts[0] == 0 and all(ids[i - 1] == eos for i in starts[1:])
+        assert (ids[:-1] == eos).sum() == len(starts) - 1
+    files = json.loads((tmp_path / "data" / "val_documents.json").read_text())["files"]
+    assert sorted(files) == sorted(map(str, in_held))
 
 
 def test_the_blind_control_is_the_controller_without_its_input(tiny):
@@ -2064,6 +2075,20 @@ def test_paired_intervals_find_a_shift_and_none_where_there_is_none():
     assert noise["lo"] < 0 < noise["hi"]
     assert miniature.verdict(shifted, "lower") == "reproduced" and miniature.verdict(noise, "lower") == (
         "not distinguishable") and miniature.verdict(miniature.paired(a + 0.01, a), "lower") == "reversed"
+
+
+def test_the_cluster_bootstrap_resamples_whole_clusters():
+    """Batches of one module family move together: with two families whose differences disagree, the
+    interval over families is much wider than over batches; with a family per batch it is the same width."""
+    rng = np.random.default_rng(0)
+    b = rng.normal(5, 0.3, (1, 200))
+    a = b + np.where(np.arange(200) < 100, -0.02, 0.0) + rng.normal(0, 0.001, b.shape)  # one family gains
+    by_batch, by_family = miniature.paired(a, b), miniature.paired(a, b, clusters=[i < 100 for i in range(200)])
+    assert by_family["clusters"] == 2 and by_batch["clusters"] is None
+    assert by_family["hi"] - by_family["lo"] > 5 * (by_batch["hi"] - by_batch["lo"])
+    each = miniature.paired(a, b, clusters=list(range(200)))
+    assert each["diff"] == by_batch["diff"]
+    assert 0.8 < (each["hi"] - each["lo"]) / (by_batch["hi"] - by_batch["lo"]) < 1.25
 
 
 def test_equal_needs_an_interval_within_the_margin_and_holm_corrects_the_claims_together():

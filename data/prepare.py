@@ -65,7 +65,8 @@ RECORDS = (".jsonl", ".parquet")  # files of many documents; every other file is
 TEXT = (".txt", ".md", ".rst", ".py")  # the text files a folder gives without --ext
 CHUNK = 4096  # characters per document when a lone file has no blank lines to cut at
 # What a data folder holds: this script's files, and the demo's held-out prose and timing (data/stdlib.py)
-DATA = {"train.bin", "val.bin", "meta.json", "tokenizer.json", "prose.bin", "prose.json", "wall_s.txt"}
+DATA = {"train.bin", "val.bin", "meta.json", "val_documents.json", "tokenizer.json", "prose.bin", "prose.json",
+        "wall_s.txt"}
 
 
 def check_out(path, flag="--out"):
@@ -176,7 +177,7 @@ def documents(file, alone=False):
 
 
 def read(files, val_fraction, held_out=None):
-    """(document, "train" | "val" | "empty") of every document, in reading order. Empty ones take
+    """(document, "train" | "val" | "empty", its file) of every document, in reading order. Empty ones take
     no number, so the held-out rule counts only documents that have text. `held_out`: the files
     whose documents are the held-out ones, instead of the rule."""
     i, alone, last = 0, len(files) == 1, None
@@ -189,12 +190,12 @@ def read(files, val_fraction, held_out=None):
                 last = n - 1 if n >= 2 and math.floor(n * val_fraction) == 0 else None
             for doc in docs:
                 if not doc or not doc.strip():  # None: a null in a parquet column
-                    yield doc, "empty"
+                    yield doc, "empty", file
                     continue
                 val = (file in held_out if held_out is not None else
                        math.floor((i + 1) * val_fraction) > math.floor(i * val_fraction) or i == last)
                 i += 1
-                yield doc, "val" if val else "train"
+                yield doc, "val" if val else "train", file
         except UnicodeDecodeError as e:
             raise ValueError(f"{file}: not UTF-8 text ({e.reason} at byte {e.start})") from None
 
@@ -265,17 +266,20 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
     try:
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")
-            train_docs = (doc for doc, split in read(files, val_fraction, held_out) if split == "train")
+            train_docs = (doc for doc, split, _ in read(files, val_fraction, held_out) if split == "train")
             train_tokenizer(train_docs, stage, vocab_size)  # a first pass: the held-out text is never seen
             tok, eos, sha = load_tokenizer(stage)
-        t0, i = time.time(), 0
+        t0, i, held = time.time(), 0, {"starts": [], "files": []}
         with open(stage / "train.bin", "wb") as train, open(stage / "val.bin", "wb") as val:
             sinks = {"train": train, "val": val}
             for batch in batches(read(files, val_fraction, held_out), batch_size):
-                kept = [(doc, split) for doc, split in batch if split != "empty"]
+                kept = [(doc, split, file) for doc, split, file in batch if split != "empty"]
                 counts["empty_skipped"] += len(batch) - len(kept)
-                encoded = tok.encode_batch([doc for doc, _ in kept], add_special_tokens=False)
-                for (_, split), enc in zip(kept, encoded):
+                encoded = tok.encode_batch([doc for doc, *_ in kept], add_special_tokens=False)
+                for (_, split, file), enc in zip(kept, encoded):
+                    if split == "val":  # where each held-out document starts: the clusters of a bootstrap
+                        held["starts"].append(counts["val_tokens"])
+                        held["files"].append(str(file))
                     np.array(enc.ids + [eos], dtype=np.uint32).tofile(sinks[split])
                     counts[f"{split}_tokens"] += len(enc.ids) + 1
                     counts[f"{split}_documents"] += 1
@@ -292,6 +296,7 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
                 "tokenizer_sha256": sha, "val_fraction": val_fraction, "inputs": [str(f) for f, _ in files],
                 "inputs_sha256": hashlib.sha256(listing.encode()).hexdigest()}
         (stage / "meta.json").write_text(json.dumps(meta, indent=2))
+        (stage / "val_documents.json").write_text(json.dumps(held))
         check_fresh(out, inputs, overwrite)  # again: another run may have filled --out meanwhile
         old = out.parent / f"{stage.name}.old"
         if out.is_dir() and any(out.iterdir()):  # --overwrite: the old data set aside, the new renamed in

@@ -47,19 +47,21 @@ import ouroboros as ob  # noqa: E402
 from data import prepare  # noqa: E402
 
 
+ROOT = Path(sysconfig.get_paths()["stdlib"])  # this interpreter's standard library
+
+
 def stdlib_files(every_nth=1):
     """This interpreter's standard library as text files: its .py files, without the test suites
     (whose data files are not prose or code a model should learn) and without installed packages."""
-    root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"site-packages", "test", "tests", "idle_test", "__pycache__"}
-    files = sorted(f for f in root.rglob("*.py") if not skip & set(f.relative_to(root).parts))
+    files = sorted(f for f in ROOT.rglob("*.py") if not skip & set(f.relative_to(ROOT).parts))
     return files[::every_nth]
 
 
 def family(file):
     """The module family of a standard-library file: its package, or its module name without a
     leading underscore or "_py" and trailing digits (_pydecimal.py and decimal.py are one family)."""
-    top = Path(file).relative_to(sysconfig.get_paths()["stdlib"]).parts[0]
+    top = Path(file).relative_to(ROOT).parts[0]
     return re.sub(r"^_py|^_|\d+$", "", top.removesuffix(".py"))
 
 
@@ -88,12 +90,14 @@ def write_prose(data):
     from pydoc_data.topics import topics
     tok, eos, _ = prepare.load_tokenizer(data)
     texts = [topics[k] for k in sorted(topics)]
-    ids = [i for enc in tok.encode_batch(texts, add_special_tokens=False) for i in enc.ids + [eos]]
+    encoded = [enc.ids + [eos] for enc in tok.encode_batch(texts, add_special_tokens=False)]
+    ids, starts = [i for topic in encoded for i in topic], np.cumsum([0] + [len(t) for t in encoded[:-1]])
     np.array(ids, dtype=np.uint32).tofile(data / "prose.bin.tmp")
     (data / "prose.bin.tmp").replace(data / "prose.bin")
     ob.write_json(data / "prose.json", dict(what="pydoc_data.topics.topics: the documentation's prose, one "
                                             "document per topic, in sorted order", topics=len(texts),
                                             characters=sum(map(len, texts)), tokens=len(ids),
+                                            starts=starts.tolist(),  # where each topic starts in prose.bin
                                             sha256=hashlib.sha256("\0".join(texts).encode()).hexdigest()))
 
 

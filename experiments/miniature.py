@@ -297,29 +297,58 @@ def collect(work, budget):
             if f"ours, depth {d}" in scored:
                 add(f"{run.row}, evaluated at depth {d}", run.seed, scored[f"ours, depth {d}"], depth=d,
                     **info, flops=ob.forward_flops(shape, d, d) / 1e9)
+    groups = clusters(work / "data", budget)
     for r in rows.values():  # the frozen models: one set of windows, the same for every seed
         r["mean"] = {s: float(np.mean(w)) for s, w in r["windows"].items()}
         r["by seed"] = {s: [float(np.mean(x)) for x in w] for s, w in r["windows"].items()}
+        r["clusters"] = {s: groups[s] for s, w in r["windows"].items() if s in groups and len(groups[s]) == len(w[0])}
     return rows
+
+
+def clusters(data, budget):
+    """{held-out set: the cluster of each batch of the final protocol}, for a bootstrap that resamples
+    what the batches are not independent within: the module family (or, for another corpus, the file)
+    of the held-out document a batch's middle token is in, and for the prose its topic. A set whose
+    data do not record where their documents start (made before they did) is left out."""
+    T, B, found = budget.batch[1], budget.batch[0], {}
+    for split, tokens, documents in (("held-out", "val.bin", "val_documents.json"),
+                                     ("prose", "prose.bin", "prose.json")):
+        recorded = json.loads((data / documents).read_text()) if (data / documents).is_file() else {}
+        if "starts" not in recorded:
+            continue
+        names = ([stdlib.family(f) if Path(f).is_relative_to(stdlib.ROOT) else f for f in recorded["files"]]
+                 if split == "held-out" else list(range(len(recorded["starts"]))))  # the prose: a topic each
+        batches = checkpoint.final_windows((data / tokens).stat().st_size // 4, T, B, budget.final_tokens)
+        middle = (batches[:, 0] + batches[:, -1] + T) // 2
+        found[split] = [names[i] for i in np.searchsorted(recorded["starts"], middle, side="right") - 1]
+    return found
 
 
 MARGIN = 0.005  # nats: "equal" means A − B is shown to lie within ±MARGIN, not merely that 0 is not excluded
 
 
-def paired(a, b, resamples=2000):
+def paired(a, b, resamples=2000, clusters=None):
     """Mean of A − B over the evaluation batches, its 95% bootstrap interval (lo, hi), its 90% one
     (lo90, hi90: the two one-sided tests of equivalence at 5%), and a two-sided bootstrap p of A = B.
     a, b: (seeds, batches) losses of the same batches, the seeds in the same order (a frozen model's
-    single row is repeated); the batches are resampled, and the seeds too when there are several."""
+    single row is repeated). Resampled: the batches, or with `clusters` (a label per batch) whole
+    clusters, each with all its batches; and the seeds too when there are several."""
     d = np.asarray(a) - np.asarray(b)
     S, N = d.shape
     rng = np.random.default_rng(0)  # the same resamples every time the report is written
     seeds = rng.integers(0, S, (resamples, S)) if S > 1 else np.zeros((resamples, 1), int)
-    stats = d[seeds[:, :, None], rng.integers(0, N, (resamples, N))[:, None, :]].mean((1, 2))
+    if clusters is None:
+        stats = d[seeds[:, :, None], rng.integers(0, N, (resamples, N))[:, None, :]].mean((1, 2))
+    else:  # each resample: K clusters drawn with replacement, the mean over all their batches
+        labels = np.unique(clusters, return_inverse=True)[1]
+        K = labels.max() + 1
+        sums, counts = np.stack([np.bincount(labels, row, K) for row in d]), np.bincount(labels, minlength=K)
+        drawn = rng.integers(0, K, (resamples, K))
+        stats = (sums[seeds[:, :, None], drawn[:, None, :]].sum(2) / counts[drawn].sum(1)[:, None]).mean(1)
     lo, lo90, hi90, hi = np.percentile(stats, [2.5, 5, 95, 97.5])
     p = max(1 / resamples, min(1.0, 2 * min((stats >= 0).mean(), (stats <= 0).mean())))
     return dict(diff=float(d.mean()), lo=float(lo), hi=float(hi), lo90=float(lo90), hi90=float(hi90),
-                p=float(p), seeds=S, batches=N)
+                p=float(p), seeds=S, batches=N, clusters=None if clusters is None else int(K))
 
 
 def holm(ps, alpha=0.05):
@@ -342,7 +371,8 @@ def compare(rows, a, b, split):
     if not common:
         return None
     pick = lambda r, s: r["windows"][split][r["seeds"].index(s) if r["seeds"] != [None] else 0]  # noqa: E731
-    return paired([pick(ra, s) for s in common], [pick(rb, s) for s in common])
+    return paired([pick(ra, s) for s in common], [pick(rb, s) for s in common],
+                  clusters=ra.get("clusters", {}).get(split))
 
 
 def verdict(c, expect, survives=True):
@@ -407,7 +437,14 @@ def tables(rows):
         lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
     claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI], p" for s in held)
               + " | reading (held-out modules) | reading (held-out prose) |", "|" + " --- |" * (6 + len(held))]
-    for claim, a, bb, expect, cs, survive in read_claims(rows, held):
+    read = read_claims(rows, held)
+    units = [f"{c['clusters']} {'module families or files' if s == 'held-out' else 'topics'} ({SPLITS[s]})"
+             if c["clusters"] else f"{c['batches']} batches ({SPLITS[s]})" for s, c in zip(held, read[0][4])
+             ] if read else []
+    claims[0] = (f"\nEach interval resamples whole clusters, {' and '.join(units)}, and the seeds where there are "
+                 f"several; Holm corrects the claims together; \"equal\" needs the 90% interval within ±{MARGIN}.\n"
+                 if read else "")
+    for claim, a, bb, expect, cs, survive in read:
         claims.append(f"| {claim} | {a} | {bb} | {cs[0]['seeds']} | " + " | ".join(
             f"{ci(c)}, {p_value(c)}" for c in cs) + " | " + " | ".join(
             verdict(c, expect, ok) for c, ok in zip(cs, survive)) + (" | -" * (2 - len(held))) + " |")
@@ -559,7 +596,7 @@ def report(work, results, budget, log, meta):
                  bases={str(seed): json.loads((d / "results.json").read_text())["model"]
                         for seed, d in zip((0, budget.second_base), base_dirs)},
                  config=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
-                 rows={n: {k: v for k, v in r.items() if k != "windows"} for n, r in rows.items()},
+                 rows={n: {k: v for k, v in r.items() if k not in ("windows", "clusters")} for n, r in rows.items()},
                  claims=[dict(claim=c, a=a, b=b, expect=e, **{s: dict(cmp, holm=ok, reading=verdict(cmp, e, ok))
                                                               for s, cmp, ok in zip(HELD_OUT, cs, survive)})
                          for c, a, b, e, cs, survive in read_claims(rows, [s for s in HELD_OUT
