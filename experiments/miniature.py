@@ -481,7 +481,8 @@ def lr_table(rows, budget):
         c = None
         if best[v] and best[LOOP] and v != LOOP:
             a, b = rows[name(v, best[v])], rows[name(LOOP, best[LOOP])]
-            c = paired([a["windows"]["held-out"][0]], [b["windows"]["held-out"][0]])  # the first seed's
+            c = paired([a["windows"]["held-out"][0]], [b["windows"]["held-out"][0]],  # the first seed's
+                       clusters=a.get("clusters", {}).get("held-out"))
         lines[2 + k] += ("" if v == LOOP else ci(c)) + " |"
     return "\n".join(lines) + "\n"
 
