@@ -2809,12 +2809,17 @@ def test_lm_eval_scores_the_baseline_the_full_model_and_ours_on_the_local_task(t
     (["--trained", "{other}"], "saved with other options"),
     (["--depth", "0"], "--depth 0 is outside 1..64"),
     (["--depth", "65"], "--depth 65 is outside 1..64"),
+    (["--trained", "{mean}"], "pool='mean' lets every position see the future"),
     ([], "no config.json"),
 ])
 def test_lm_eval_command_refuses_bad_input_in_one_line(tiny, evaluation, other_trained, tmp_path, argv, message):
     _, evaluate, file = evaluation
     model = str(tmp_path / "nowhere") if argv == [] else str(tiny)
-    argv = [a.replace("{other}", str(other_trained)) for a in argv]
+    if "{mean}" in argv:
+        mean = ob.Ouroboros.from_pretrained(tiny, device="cpu", pool="mean")
+        mean.save_trainable(tmp_path / "mean.safetensors")
+    argv = [a.replace("{other}", str(other_trained)).replace("{mean}", str(tmp_path / "mean.safetensors"))
+            for a in argv]
     with pytest.raises(SystemExit) as e:
         evaluate.main(["--model", model, "--trained", str(file), "--out", str(tmp_path / "eval"), *argv])
     assert message in str(e.value) and "\n" not in str(e.value)

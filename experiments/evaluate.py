@@ -68,18 +68,16 @@ class OuroborosLM(LM):
         cfg = ob.Qwen2Config.from_pretrained(model)
         self.max_length = min(int(max_length), cfg.max_position_embeddings)
         options = ob.read_trainable_options(trained) if trained else {}
-        if which == "full":
-            self.model = ob.Qwen2.from_pretrained(model, device=device, dtype=dtype)
-        else:
-            ours = ob.Ouroboros.from_pretrained(model, device=device, dtype=dtype, **options)
-            if which == "ours" and trained:
-                ours.load_trainable(trained)
-            # the baseline: the kept layers as they are, layer R once (coda adapters, if any, are ours)
-            self.model = ours if which == "ours" else ob.Qwen2.from_pretrained(
-                model, layers=list(ours.base.model.layers), device=device, dtype=dtype)
-        if getattr(self.model, "pool", "causal") == "mean":
-            raise ValueError(f"{trained}: pool='mean' lets every position see the future; lm-eval scores "
-                             "continuations as they are generated, so use a model trained with the causal pool")
+        check_pool(trained, options)
+        if which == "ours":
+            self.model = ob.Ouroboros.from_pretrained(model, device=device, dtype=dtype, **options)
+            if trained:
+                self.model.load_trainable(trained)
+        else:  # the full model, or the baseline: the kept layers as they are, layer R once
+            L = cfg.num_hidden_layers
+            P, R, C, _ = ob.split_layers(L, *(options.get(k) for k in ("prelude", "recurrent", "coda")))
+            self.model = ob.Qwen2.from_pretrained(model, layers=None if which == "full" else
+                                                  [*range(P), R, *range(L - C, L)], device=device, dtype=dtype)
         self.model.eval()
         self._device = next(self.model.parameters()).device
 
@@ -228,6 +226,12 @@ def evaluate(args, tasks, include_path):
     return table
 
 
+def check_pool(trained, options):
+    if options.get("pool") == "mean":
+        raise ValueError(f"{trained}: pool='mean' lets every position see the future; lm-eval scores "
+                         "continuations as they are generated, so use a model trained with the causal pool")
+
+
 def check(args, tasks):
     """Everything that can be refused before a model loads or a file is written, in one line."""
     if lm_eval is None:
@@ -237,6 +241,7 @@ def check(args, tasks):
     options = ob.read_trainable_options(args.trained) if args.trained else ob.option_defaults()
     if args.trained:
         ob.check_trainable(args.trained, options, ob.Qwen2Config.from_pretrained(args.model))
+        check_pool(args.trained, options)
     if not 1 <= args.depth <= options["max_steps"]:
         raise ValueError(f"--depth {args.depth} is outside 1..{options['max_steps']} (max_steps)")
     for flag in ("batch_size", "max_length"):
