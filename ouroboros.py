@@ -1086,6 +1086,20 @@ def saved_options(saved, source, where):
     return {**defaults, **saved}
 
 
+def trained_options(file, cfg):
+    """The options of a trainable file, once it is known to be made for the base `cfg` (its config is
+    in its metadata), or one line naming what differs."""
+    options = read_trainable_options(file)
+    check_trainable(file, options, cfg)
+    return options
+
+
+def check_depth(depth, max_steps, name="depth"):
+    """A depth the Controller's step table has a row for."""
+    if not 1 <= depth <= max_steps:
+        raise ValueError(f"{name} {depth} is outside 1..{max_steps} (max_steps)")
+
+
 def check_trainable(file, options, cfg, model=None):
     """A trainable file saved with these options and for this base config, with the tensors of
     `model` (by default one built on the meta device), or one line naming every difference."""
@@ -1309,16 +1323,12 @@ def export(model_dir, trained, out, depth=4):
     raw = read_json(model_dir / "config.json", "a Hugging Face checkpoint directory has one")
     cfg = Qwen2Config.from_dict(raw, source=model_dir / "config.json")
     read_tokenizer(model_dir)  # there, and readable
-    options = read_trainable_options(trained)
-    check_trainable(trained, options, cfg)  # made for this base: its config is in its metadata
-    if not 1 <= depth <= options["max_steps"]:
-        raise ValueError(f"--depth {depth} is outside 1..{options['max_steps']} (max_steps)")
+    options = trained_options(trained, cfg)
+    check_depth(depth, options["max_steps"], "--depth")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        stage = staging_folder(out)
     except OSError as e:
         raise ValueError(f"--out {out}: cannot write there ({e.strerror})") from None
-    os.chmod(stage, as_made(0o777))  # as a folder made by mkdir would be (mkdtemp makes it private)
     try:
         dtype = Checkpoint(model_dir, "cpu").read("model.norm.weight").dtype  # the frozen weights keep the base's
         model = Ouroboros.from_pretrained(model_dir, "cpu", dtype, **options)
@@ -1454,6 +1464,15 @@ def save_atomic(tensors, file, metadata=None, private=save_atomic):
     os.chmod(file, as_made(0o666))
 
 
+def staging_folder(out):
+    """A hidden, empty folder beside `out`, with the permissions mkdir would give (mkdtemp makes it
+    private), where a whole output is made before it is renamed to `out`."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    os.chmod(stage, as_made(0o777))
+    return stage
+
+
 def as_made(mode):
     """The permissions open() or mkdir() would give, under this process's umask."""
     umask = os.umask(0)
@@ -1542,8 +1561,7 @@ class Ouroboros(Ouroboros):
         return model
 
     def forward(self, idx, depth=4, targets=None, caches=None, return_logits=True):
-        if not 1 <= depth <= self.options["max_steps"]:
-            raise ValueError(f"depth {depth} is outside 1..{self.options['max_steps']} (max_steps)")
+        check_depth(depth, self.options["max_steps"])
         trunk = self.base.model.norm.weight  # a frozen weight: the trunk's device and dtype
         with torch.autocast(trunk.device.type, trunk.dtype, enabled=trunk.dtype != torch.float32):
             return super().forward(idx, depth, targets, caches, return_logits)
@@ -1622,12 +1640,8 @@ def main(argv=None):
         if not Path(args.model).is_dir():
             raise FileNotFoundError(f"--model {args.model}: no such folder (a Hugging Face checkpoint directory)")
         cfg = Qwen2Config.from_pretrained(args.model)
-        options = read_trainable_options(args.trained) if args.trained else {}
-        if args.trained:  # made for this base: its config is in its metadata
-            check_trainable(args.trained, options, cfg)
-        max_steps = options.get("max_steps", MAX_STEPS)
-        if not 1 <= args.depth <= max_steps:
-            raise ValueError(f"--depth {args.depth} is outside 1..{max_steps} (max_steps)")
+        options = trained_options(args.trained, cfg) if args.trained else {}
+        check_depth(args.depth, options.get("max_steps", MAX_STEPS), "--depth")
         tok, dtype = read_tokenizer(Path(args.model) / "tokenizer.json"), args.dtype and getattr(torch, args.dtype)
         prompt = tok.encode(args.prompt).ids
         check_generation(cfg, len(prompt), args.max_new_tokens, args.temperature, args.top_k)

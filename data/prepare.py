@@ -52,7 +52,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -260,9 +259,7 @@ def prepare(inputs, tokenizer, out, val_fraction=0.005, batch_size=1024, vocab_s
     names = ("train", "val")
     counts = {f"{s}_{what}": 0 for s in names for what in ("tokens", "documents")}
     counts.update(files=len(files), empty_skipped=0)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))  # hidden: never an input
-    os.chmod(stage, ob.as_made(0o777))  # as a folder made by mkdir would be (mkdtemp makes it private)
+    stage = ob.staging_folder(out)  # hidden: never an input
     try:
         if tokenizer is None:
             log(f"training a byte-level BPE tokenizer of {vocab_size:,} tokens on the training documents")

@@ -238,12 +238,10 @@ def check(args, tasks):
         raise ValueError("lm-eval is not installed: pip install -r experiments/requirements-eval.txt")
     if not (Path(args.model) / "config.json").is_file():
         raise FileNotFoundError(f"--model {args.model}: no config.json (a Hugging Face checkpoint directory)")
-    options = ob.read_trainable_options(args.trained) if args.trained else ob.option_defaults()
-    if args.trained:
-        ob.check_trainable(args.trained, options, ob.Qwen2Config.from_pretrained(args.model))
-        check_pool(args.trained, options)
-    if not 1 <= args.depth <= options["max_steps"]:
-        raise ValueError(f"--depth {args.depth} is outside 1..{options['max_steps']} (max_steps)")
+    options = (ob.trained_options(args.trained, ob.Qwen2Config.from_pretrained(args.model)) if args.trained
+               else ob.option_defaults())
+    check_pool(args.trained, options)
+    ob.check_depth(args.depth, options["max_steps"], "--depth")
     for flag in ("batch_size", "max_length"):
         if getattr(args, flag) < 1:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be at least 1")
