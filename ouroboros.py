@@ -41,7 +41,7 @@ every input, FLOP counting, the export to a Hugging Face folder and the command 
 """
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -1498,6 +1498,18 @@ class Qwen2(Qwen2):
         """Random weights (speed and memory do not depend on the values)."""
         device, dtype = placement(device, dtype)
         return load_frozen(cls.on_meta(cfg, layers), random_weights(cfg, device), dtype)
+
+    @classmethod
+    def baseline_of(cls, path, device=None, dtype=None, prelude=None, recurrent=None, coda=None):
+        """The baseline Ouroboros cuts from the checkpoint at `path` (prelude, layer R once, coda) as a
+        Qwen2 of its own, its layers numbered 0..: save_pretrained writes what from_pretrained reads."""
+        L = Qwen2Config.from_pretrained(path).num_hidden_layers
+        P, R, C, _ = split_layers(L, prelude, recurrent, coda)
+        kept = [*range(P), R, *range(L - C, L)]
+        model = cls.from_pretrained(path, kept, device, dtype)
+        model.model.layers = nn.ModuleDict({str(k): model.model.layers[str(i)] for k, i in enumerate(kept)})
+        model.cfg = replace(model.cfg, num_hidden_layers=len(kept))
+        return model
 
     def save_pretrained(self, path):
         """config.json and model.safetensors in the Hugging Face layout: from_pretrained reads them."""

@@ -1636,6 +1636,25 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_the_loader_reads(tm
     assert torch.equal(cut.baseline(x)[0], ob.Qwen2.from_pretrained(tmp_path, [0, 3, 5], device="cpu")(x)[0])
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"model", "run"}
 
+@pytest.mark.parametrize("init", ["model", "baseline"])
+def test_pretraining_from_the_model_or_its_baseline_starts_from_their_weights(tmp_path, demo, init):
+    """--init model (continued training) and --init baseline (prune, then heal): the study's equally
+    trained references. Their first loss is the frozen model's (the full one, or the baseline Ouroboros
+    cuts) on the first batch an Ouroboros run of the same seed trains on; --out reads back as a Qwen2."""
+    argv = run_args(demo, tmp_path, "--pretrain", "--init", init, "--steps", "2", "--seed", "3")
+    model = train.main(argv)
+    args = train.parse_args(argv)
+    x, y = train.get_batch(np.fromfile(demo[1] / "train.bin", np.uint32), args, (3, train.TRAIN, 0, 0), 0, "cpu")
+    x2, y2 = train.get_batch(np.fromfile(demo[1] / "train.bin", np.uint32), args, (3, train.TRAIN, 0, 0), 1, "cpu")
+    frozen = (ob.Qwen2.from_pretrained(demo[0], device="cpu", dtype=torch.float32) if init == "model" else
+              ob.Ouroboros.from_pretrained(demo[0], device="cpu", dtype=torch.float32).baseline)
+    first = (frozen(x, y, return_logits=False)[1] + frozen(x2, y2, return_logits=False)[1]) / 2
+    assert metrics(tmp_path)[0]["loss"] == pytest.approx(first.item(), abs=1e-5)
+    assert model.cfg.num_hidden_layers == (SMALL.num_hidden_layers if init == "model" else 3)
+    tokens = torch.randint(0, SMALL.vocab_size, (2, 16))
+    assert torch.equal(ob.Qwen2.from_pretrained(tmp_path, device="cpu")(tokens)[0], model(tokens)[0])
+
+
 # ----------------------------------------------------------------------------------------
 # Never lose a run
 
@@ -1783,6 +1802,7 @@ def test_overwrite_starts_afresh(tmp_path, demo):
     (["--min-lr", "1"], "--min-lr 1.0 must be in 0..--lr"),
     (["--resume", "--overwrite"], "--resume and --overwrite do not go together"),
     (["--pretrain", "--eval-full"], "--pretrain and --eval-full do not go together"),
+    (["--init", "model"], "--init model is where --pretrain's weights start: give --pretrain too"),
     (["--seq-len", "1"], "--seq-len 1 must be >= 2 (one token has no context to learn from)"),
     (["--out", "FILE/run"], "is a file, not a folder"),
     (["--eval-depths", "0,65"], "depth 0 is outside 1..64"),  # not after training and the final table

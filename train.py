@@ -120,6 +120,9 @@ def parse_args(argv=None):
     a("--benchmark", action="store_true", help="time --steps updates on random tokens and weights")
     a("--pretrain", action="store_true", help="train every weight of a Qwen2 made from --model's config.json "
       "(and its tokenizer.json); --out becomes a Hugging Face checkpoint")
+    a("--init", choices=["random", "model", "baseline"], default="random", help="with --pretrain, where the "
+      "weights start: random; --model's (continued training); or the layers Ouroboros keeps of it, layer R once, "
+      "as a Qwen2 of their own (prune, then heal). The last two see the batches an Ouroboros run of --seed sees")
     args = ap.parse_args(argv)
     if args.demo or args.benchmark:  # other defaults (what the command line gives still wins)
         ap.set_defaults(**stdlib.DEMO_OPTIONS if args.demo else dict(out="out/benchmark", steps=10, warmup=0))
@@ -231,7 +234,7 @@ def train(args):
         signal.signal(sig, lambda *_: stop.append(True))
     peak = args.peak_flops or next((v for k, v in PEAK_FLOPS.items() if device.type == "cuda"
                                     and k in torch.cuda.get_device_name(device)), None)
-    t_start = time.perf_counter()
+    t_start, stream = time.perf_counter(), PRETRAIN if args.pretrain and args.init == "random" else TRAIN
     for step in range(start, args.steps):
         t0, lr = time.perf_counter(), get_lr(step, args)
         for group in opt.param_groups:
@@ -239,8 +242,7 @@ def train(args):
         depth = args.depths[np.random.default_rng((args.seed, DEPTH, step)).integers(len(args.depths))]
         loss_sum, steps_sum = torch.zeros((), device=device), torch.zeros((), device=device)
         for micro in range(args.grad_accum):
-            x, y = get_batch(splits["train"], args, (args.seed, PRETRAIN if args.pretrain else TRAIN, step, rank),
-                             micro, device)
+            x, y = get_batch(splits["train"], args, (args.seed, stream, step, rank), micro, device)
             loss = loss_of(x, depth, y)
             loss_sum += loss.detach()
             if args.ponder_cost is not None:  # ACT: the loss plus the cost of the steps each token took
@@ -320,9 +322,8 @@ def setup(args, log, device, world, rank):
     # weights, initialised from the seed, so identical on every rank. The model autocasts inside.
     torch.manual_seed(args.seed)
     dtype = args.dtype and getattr(torch, args.dtype)
-    if args.pretrain:  # every weight trains, in float32: N(0, 0.02) matrices, norms near 1
-        model = (ob.Qwen2.from_pretrained(args.out, device=device, dtype=torch.float32) if state
-                 else ob.Qwen2.from_config(cfg, device=device, dtype=torch.float32)).requires_grad_(True)
+    if args.pretrain:  # every weight trains, in float32
+        model = plain_qwen2(args, cfg, state, device).requires_grad_(True)
     else:
         options = model_options(vars(args))
         model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
@@ -336,6 +337,16 @@ def setup(args, log, device, world, rank):
     log(f"{sum(p.numel() for p in params):,} trainable | {tokens_per_step:,} tokens per step "
         f"({args.batch_size} x {args.seq_len} x {args.grad_accum} accumulation x {world} ranks) | {device}")
     return model, opt, splits, run, (state or {"step": 0})["step"], tokens_per_step
+
+
+def plain_qwen2(args, cfg, state, device):
+    """--pretrain's model: the saved run's (state), or by --init: random (N(0, 0.02) matrices, norms
+    near 1), --model's weights, or the baseline cut from them (prune, then heal)."""
+    if state or args.init == "model":
+        return ob.Qwen2.from_pretrained(args.out if state else args.model, device=device, dtype=torch.float32)
+    if args.init == "baseline":
+        return ob.Qwen2.baseline_of(args.model, device, torch.float32, args.prelude, args.recurrent, args.coda)
+    return ob.Qwen2.from_config(cfg, device=device, dtype=torch.float32)
 
 
 def show(value, spec): return "-" if value is None else format(value, spec)  # noqa: E704
@@ -395,6 +406,8 @@ def check_options(args):
         defaults = parse_args([])
         if (args.model, args.data) != (defaults.model, defaults.data):
             raise ValueError("--demo makes its own model and data (in --out): drop --model and --data")
+    if args.init != "random" and not args.pretrain:
+        raise ValueError(f"--init {args.init} is where --pretrain's weights start: give --pretrain too")
     if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
         raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
                          "are Ouroboros options")

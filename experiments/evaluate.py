@@ -73,11 +73,11 @@ class OuroborosLM(LM):
             self.model = ob.Ouroboros.from_pretrained(model, device=device, dtype=dtype, **options)
             if trained:
                 self.model.load_trainable(trained)
-        else:  # the full model, or the baseline: the kept layers as they are, layer R once
-            L = cfg.num_hidden_layers
-            P, R, C, _ = ob.split_layers(L, *(options.get(k) for k in ("prelude", "recurrent", "coda")))
-            self.model = ob.Qwen2.from_pretrained(model, layers=None if which == "full" else
-                                                  [*range(P), R, *range(L - C, L)], device=device, dtype=dtype)
+        elif which == "full":
+            self.model = ob.Qwen2.from_pretrained(model, device=device, dtype=dtype)
+        else:  # the baseline: the kept layers as they are, layer R once
+            self.model = ob.Qwen2.baseline_of(model, device, dtype, *(options.get(k) for k in
+                                                                       ("prelude", "recurrent", "coda")))
         self.model.eval()
         self._device = next(self.model.parameters()).device
 
