@@ -4,6 +4,7 @@ Tiny random Qwen2 checkpoints are written to tmp_path in the exact Hugging Face 
 (config.json, model.safetensors or an index + shards, tokenizer.json) and read back
 through the real loader.
 """
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -1802,7 +1803,7 @@ def test_overwrite_starts_afresh(tmp_path, demo):
     (["--min-lr", "1"], "--min-lr 1.0 must be in 0..--lr"),
     (["--resume", "--overwrite"], "--resume and --overwrite do not go together"),
     (["--pretrain", "--eval-full"], "--pretrain and --eval-full do not go together"),
-    (["--init", "model"], "--init model is where --pretrain's weights start: give --pretrain too"),
+    (["--init", "model"], "--init model must be random without --pretrain"),
     (["--seq-len", "1"], "--seq-len 1 must be >= 2 (one token has no context to learn from)"),
     (["--out", "FILE/run"], "is a file, not a folder"),
     (["--eval-depths", "0,65"], "depth 0 is outside 1..64"),  # not after training and the final table
@@ -2127,6 +2128,28 @@ def test_equal_needs_an_interval_within_the_margin_and_holm_corrects_the_claims_
     assert 0 < loose["p"] <= 1 and tight["lo90"] >= tight["lo"] and tight["hi90"] <= tight["hi"]
 
 
+def test_a_learning_rate_sweep_goes_on_until_its_best_rate_is_inside_what_it_tried():
+    """Each variant's sweep starts at 6e-4, 2e-3 and 6e-3; while its best (lowest training loss) is the
+    lowest or highest rate it tried, it tries the next one on the ladder, up to the ladder's ends. A
+    diverged run counts as worst; a sweep with a run not done yet has no best."""
+    budget, bowl = miniature.FULL, lambda centre: lambda lr: (math.log(lr / centre)) ** 2
+    shapes = dict.fromkeys(miniature.SWEPT, bowl(2e-2))  # best at 2e-2: goes up to 6e-2 to see it is
+    shapes.update({miniature.LOOP: lambda lr: -lr,  # ever better: up to the ladder's end
+                   miniature.STATIC: lambda lr: math.inf if lr > 2e-3 else -lr,  # diverges above 2e-3
+                   miniature.OURS: bowl(1.5e-4)})  # best below the first rates: down to 6e-5 to see it is
+    losses = {}
+    while missing := [(v, lr) for v, (rates, _) in miniature.plan(budget, losses).items() for lr in rates
+                      if (v, lr) not in losses]:
+        losses.update({(v, lr): shapes[v](lr) for v, lr in missing})
+    swept = miniature.plan(budget, losses)
+    assert swept[miniature.LOOP] == ([6e-4, 2e-3, 6e-3, 2e-2, 6e-2, 2e-1], 2e-1)
+    assert swept[miniature.STATIC] == ([6e-4, 2e-3, 6e-3], 2e-3)
+    assert swept[miniature.OURS] == ([6e-5, 2e-4, 6e-4, 2e-3, 6e-3], 2e-4)
+    assert swept[miniature.HEALED] == ([6e-4, 2e-3, 6e-3, 2e-2, 6e-2], 2e-2)
+    del losses[miniature.HEALED, 6e-2]
+    assert miniature.plan(budget, losses)[miniature.HEALED] == ([6e-4, 2e-3, 6e-3, 2e-2, 6e-2], None)
+
+
 def test_an_interrupted_base_says_to_run_the_same_command(tmp_path):
     """The base's pretraining stopped by Ctrl-C (run_logged returns False, with no diverged.txt):
     the message is the command that works, not train.py's "--resume", which the study has not."""
@@ -2178,6 +2201,23 @@ def test_the_study_never_takes_or_replaces_what_another_budget_made(tmp_path, ma
     assert "\n" not in str(e.value.code)
     assert {f: f.read_bytes() for f in work.rglob("*") if f.is_file() and f.name != "lock"} == before
     assert (HERE / "experiments" / "results" / "miniature.json").read_bytes() == committed
+
+
+def test_a_study_may_list_more_runs_on_a_work_folder_made_before(tmp_path):
+    """Seeds, ranks, learning rates and the second base choose which runs a study lists, each in a folder
+    of its own, so a work folder made under others is taken (one whose recipe.json recorded them too);
+    one made with another number of steps is not."""
+    work = tmp_path / "work"
+    work.mkdir()
+    stdlib.claim(work, miniature.QUICK)
+    more = dataclasses.replace(miniature.QUICK, seeds=(0, 1, 2), ranks=(8,), lrs=(6e-4,), ladder=(6e-4, 2e-3),
+                               second_base=2)
+    stdlib.claim(work, more)
+    recorded = json.loads((work / "recipe.json").read_text())
+    (work / "recipe.json").write_text(json.dumps(recorded | {"seeds": [0], "ranks": [8, 32], "lrs": [6e-3]}))
+    stdlib.claim(work, more)
+    with pytest.raises(ValueError, match="steps 4 there, 5 now"):
+        stdlib.claim(work, dataclasses.replace(miniature.QUICK, steps=5))
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -2604,13 +2644,17 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     study = json.loads((tmp_path / "results" / "miniature.json").read_text())
-    todo = miniature.runs(miniature.QUICK)
-    assert study["not run yet"] == [] and len({r.folder for r in todo}) == len(todo)
-    rows = study["rows"]
+    todo = miniature.todo(tmp_path / "work", miniature.QUICK)
+    assert study["not run yet"] == study["sweeps not settled"] == [] and len({r.folder for r in todo}) == len(todo)
+    rows, best = study["rows"], {v: b for v, (_, b) in study["sweeps"].items()}
     for run in todo:  # every run scored, with each of its seeds
         assert run.seed in rows[run.row]["seeds"], run
-    for row in (miniature.LOOP, miniature.OURS, "static, Controller-sized, depth 4", miniature.CODA_ALONE):
-        assert sorted(rows[row]["seeds"]) == list(miniature.QUICK.seeds)  # the headline rows and controls
+    for row in miniature.SWEPT:  # the headline rows, controls and references: every seed at their best rates
+        assert sorted(rows[miniature.at(row, best[row], miniature.QUICK)]["seeds"]) == list(miniature.QUICK.seeds)
+        assert sorted(rows[miniature.at(row, best[row], miniature.QUICK) + " [second base]"]["seeds"]) == list(
+            miniature.QUICK.seeds)
+    for row in (miniature.LOOP, miniature.OURS, miniature.BLIND, miniature.CODA_ALONE):  # and at one rate for all
+        assert sorted(rows[row]["seeds"]) == list(miniature.QUICK.seeds)
     windows = [(run.base, tmp_path / "work" / "runs" / run.folder / "windows.json") for run in todo]
     scored = [(base, json.loads(file.read_text())) for base, file in windows if file.is_file()]
     refs = [(base, sorted(w.keys() & {"baseline", "full"})) for base, w in scored if "baseline" in w]
@@ -2618,12 +2662,19 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     assert {"baseline model", "full model", "baseline model [second base]", "full model [second base]",
             "dynamic, mean pool (the paper's), prefix-pooled (as it generates)",
             f"{miniature.AUTHORS}, evaluated at depth 16"} <= set(rows)
-    for claim in study["claims"]:  # every claim has its paired interval on both held-out sets
+    claims = study["claims"]
+    assert len(claims["at best rates"]) == len([c for c in miniature.CLAIMS if miniature.AUTHORS not in c  # one rate
+                                                 and "rank 64" not in c[0]])  # the quick budget's ranks: 8 and 32
+    for claim in claims["at best rates"] + claims["one rate for all"]:  # every interval on both held-out sets
         for split in miniature.HELD_OUT:
             c = claim[split]
             assert c["lo"] <= c["diff"] <= c["hi"] and c["batches"] > 1, claim
     table = (tmp_path / "results" / "miniature.md").read_text()
-    assert all(f"| {row} |" in table for row in rows) and "| 1. the loop recovers part of the gap" in table
+    at_best, sweeps, one_rate = table.split("### ")[1:4]
+    assert all(f"| {r.name} | {best[r.rate]:g} |" in at_best for r in miniature.study_rows(miniature.QUICK) if r.rate)
+    assert all(f"| {r.name} | 0.002 |" in one_rate for r in miniature.study_rows(miniature.QUICK) if r.seeds)
+    assert all(f"| {v} | " in sweeps for v in miniature.SWEPT) and "gap recovered %, equally trained" in at_best
+    assert "| 1. ours against the baseline given the same updates (prune, then heal) |" in at_best
     corpus = study["corpus"]
     assert corpus["files"] > 10 and len(corpus["sha256"]) == 64 and corpus["val_tokens"] > 0
     assert corpus["held_out_families"] and corpus["prose"]["topics"] > 10 and len(corpus["prose"]["sha256"]) == 64
@@ -2633,6 +2684,10 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
         assert "pip install matplotlib" in first.stdout and not (tmp_path / "results" / "miniature.png").exists()
     again = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert again.returncode == 0 and "[runs]" not in again.stdout and "[base]" not in again.stdout
+    report = subprocess.run(cmd + ["--report"], cwd=HERE, capture_output=True, text=True)  # runs nothing, same tables
+    assert report.returncode == 0 and (tmp_path / "results" / "miniature.md").read_text() == table
+    refused = subprocess.run(cmd + ["--report", "--rerun", todo[0].folder], cwd=HERE, capture_output=True, text=True)
+    assert refused.returncode == 1 and refused.stderr.startswith("error: --report writes the report of what is done")
     second = next(run for run in todo if run.base and run.row.startswith(miniature.LOOP))  # afresh, on its base
     fresh = subprocess.run(cmd + ["--rerun", second.folder], cwd=HERE, capture_output=True, text=True)
     assert fresh.returncode == 0 and fresh.stdout.count("difference +0.0e+00") == 2, fresh.stdout + fresh.stderr

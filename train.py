@@ -118,11 +118,10 @@ def parse_args(argv=None):
     a("--peak-flops", type=float, help="peak FLOP/s of one device for MFU (known: H100, H200, A100)")
     a("--demo", action="store_true", help="a small Qwen2 pretrained on local text (cached), then Ouroboros")
     a("--benchmark", action="store_true", help="time --steps updates on random tokens and weights")
-    a("--pretrain", action="store_true", help="train every weight of a Qwen2 made from --model's config.json "
-      "(and its tokenizer.json); --out becomes a Hugging Face checkpoint")
-    a("--init", choices=["random", "model", "baseline"], default="random", help="with --pretrain, where the "
-      "weights start: random; --model's (continued training); or the layers Ouroboros keeps of it, layer R once, "
-      "as a Qwen2 of their own (prune, then heal). The last two see the batches an Ouroboros run of --seed sees")
+    a("--pretrain", action="store_true", help="train every weight of a Qwen2; --out becomes a Hugging Face checkpoint")
+    a("--init", choices=["random", "model", "baseline"], default="random", help="--pretrain's weights: random (by "
+      "--model's config.json), --model's, or the baseline cut from them (prune, then heal); the last two see "
+      "a run's batches")
     args = ap.parse_args(argv)
     if args.demo or args.benchmark:  # other defaults (what the command line gives still wins)
         ap.set_defaults(**stdlib.DEMO_OPTIONS if args.demo else dict(out="out/benchmark", steps=10, warmup=0))
@@ -322,8 +321,11 @@ def setup(args, log, device, world, rank):
     # weights, initialised from the seed, so identical on every rank. The model autocasts inside.
     torch.manual_seed(args.seed)
     dtype = args.dtype and getattr(torch, args.dtype)
-    if args.pretrain:  # every weight trains, in float32
-        model = plain_qwen2(args, cfg, state, device).requires_grad_(True)
+    if args.pretrain:  # every weight trains, in float32: the saved run's, or by --init (random: N(0, 0.02))
+        f32, split = dict(device=device, dtype=torch.float32), (args.prelude, args.recurrent, args.coda)
+        model = (ob.Qwen2.from_pretrained(args.out if state else args.model, **f32) if state or args.init == "model"
+                 else ob.Qwen2.baseline_of(args.model, *f32.values(), *split) if args.init == "baseline"
+                 else ob.Qwen2.from_config(cfg, **f32)).requires_grad_(True)
     else:
         options = model_options(vars(args))
         model = (ob.Ouroboros.from_config(cfg, device, dtype, **options) if args.benchmark
@@ -337,16 +339,6 @@ def setup(args, log, device, world, rank):
     log(f"{sum(p.numel() for p in params):,} trainable | {tokens_per_step:,} tokens per step "
         f"({args.batch_size} x {args.seq_len} x {args.grad_accum} accumulation x {world} ranks) | {device}")
     return model, opt, splits, run, (state or {"step": 0})["step"], tokens_per_step
-
-
-def plain_qwen2(args, cfg, state, device):
-    """--pretrain's model: the saved run's (state), or by --init: random (N(0, 0.02) matrices, norms
-    near 1), --model's weights, or the baseline cut from them (prune, then heal)."""
-    if state or args.init == "model":
-        return ob.Qwen2.from_pretrained(args.out if state else args.model, device=device, dtype=torch.float32)
-    if args.init == "baseline":
-        return ob.Qwen2.baseline_of(args.model, device, torch.float32, args.prelude, args.recurrent, args.coda)
-    return ob.Qwen2.from_config(cfg, device=device, dtype=torch.float32)
 
 
 def show(value, spec): return "-" if value is None else format(value, spec)  # noqa: E704
@@ -372,10 +364,9 @@ def benchmark_line(history, args):
             f"{history[-1]['mem_gb']:.2f} GB (median of {len(timed)} steps, depth {args.depths})")
 
 
-def peak_memory(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # CPU: peak resident set (KiB on Linux)
+def peak_memory(device):  # on a CPU, the peak resident set (in KiB on Linux)
+    return (torch.cuda.max_memory_allocated(device) if device.type == "cuda" else
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 # ----------------------------------------------------------------------------------------
 # Checks: everything that can be refused without weights, in one line naming the flag and value
@@ -406,8 +397,6 @@ def check_options(args):
         defaults = parse_args([])
         if (args.model, args.data) != (defaults.model, defaults.data):
             raise ValueError("--demo makes its own model and data (in --out): drop --model and --data")
-    if args.init != "random" and not args.pretrain:
-        raise ValueError(f"--init {args.init} is where --pretrain's weights start: give --pretrain too")
     if args.pretrain and (args.ponder_cost is not None or args.coda_rank or args.controller_width != 128):
         raise ValueError("--pretrain trains a plain Qwen2: --ponder-cost, --coda-rank and --controller-width "
                          "are Ouroboros options")
@@ -421,7 +410,8 @@ def check_options(args):
                            ("weight_decay", args.weight_decay >= 0, ">= 0"), ("alpha", args.alpha > 0, "> 0"),
                            ("ponder_cost", args.ponder_cost is None or 0 <= args.ponder_cost < math.inf,
                             ">= 0 and finite"),
-                           ("coda_rank", args.coda_rank >= 0, ">= 0")):
+                           ("coda_rank", args.coda_rank >= 0, ">= 0"),
+                           ("init", args.pretrain or args.init == "random", "random without --pretrain")):
         if not ok:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)} must be {need}")
     prepare.check_out(args.out, "--out")

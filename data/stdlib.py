@@ -38,6 +38,7 @@ import sysconfig
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 
@@ -111,6 +112,7 @@ class Base:
     eval_batches: int  # random batches of each split for the curves
     eval_every: int
     final_tokens: int  # of each split for the final table, in non-overlapping windows
+    LISTING: ClassVar = ()  # fields that choose which runs a work folder holds, not how one is made: not in its recipe
 
 
 # The demo's: 12 layers, hidden 128, 2.9M weights, 300 updates of 2,048 tokens at a peak lr of 1e-3
@@ -142,7 +144,7 @@ def batch_args(base, data):
 
 def recipe(base, corpus=None):
     """What the stages of a work folder are made from, as flat JSON: {"config.hidden_size": 128, ...}."""
-    fields = {k: v for k, v in dataclasses.asdict(base).items() if k != "config"}
+    fields = {k: v for k, v in dataclasses.asdict(base).items() if k != "config" and k not in base.LISTING}
     flat = {**{f"config.{k}": v for k, v in base.config.to_dict().items()}, **fields,
             "corpus": corpus and str(Path(corpus).resolve())}
     return json.loads(json.dumps(flat))  # tuples as lists, as they are read back
@@ -153,7 +155,7 @@ def claim(work, base, corpus=None):
     one that holds other files), naming what differs."""
     file, now = work / "recipe.json", recipe(base, corpus)
     if file.is_file():
-        was = ob.read_json(file, "")
+        was = {k: v for k, v in ob.read_json(file, "").items() if k not in base.LISTING}  # made before they left
         diff = [f"{k} {was.get(k, 'unset')} there, {v} now" for k, v in now.items() if was.get(k) != v]
         diff += [f"{k} {v} there, unset now" for k, v in was.items() if k not in now]
         if diff:

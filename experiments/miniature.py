@@ -1,9 +1,10 @@
 """
 Ouroboros in miniature: the paper's claims tested on a small pretrained Qwen2, on a CPU, offline,
-with seeds, controls and paired intervals.
+with seeds, controls, equally trained references and paired intervals.
 
-    python experiments/miniature.py           # the whole study: about 3 hours on 2 idle CPU cores, in parts if you like
-    python experiments/miniature.py --quick   # the same pipeline at a smoke budget: a few minutes
+    python experiments/miniature.py           # the whole study: hours on 2 CPU cores, in parts if you like
+    python experiments/miniature.py --quick   # the same pipeline at a smoke budget: about a minute
+    python experiments/miniature.py --report  # the report of the runs done so far, running nothing
     python experiments/miniature.py --fresh   # redo every stage instead of reusing what is done
     python experiments/miniature.py --rerun dynamic-depth-4-ours-seed1   # one run afresh, against the committed
 
@@ -15,14 +16,23 @@ Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue
              another distribution, never trained on): data/stdlib.py
   3. bases   a 12-layer Qwen2 (hidden 128, 2.9M weights) pretrained from scratch (train.py
              --pretrain, its own data stream), and a second one from another seed
-  4. runs    every row below: train.py on a base cut 3 / 6 / 3 (the paper's 8 / 18 / 8 of 36 in
-             proportion), all with the same steps and batch shape, data order per seed, and one
-             final protocol: non-overlapping windows over the whole held-out sets
+  4. runs    train.py on a base cut 3 / 6 / 3 (the paper's 8 / 18 / 8 of 36 in proportion), every
+             run with the same steps and batch shape, data order per seed, and one final protocol:
+             non-overlapping windows over the whole held-out sets. In order:
+             - a learning-rate sweep of each variant in SWEPT (first seed), extended along the
+               ladder until its best rate, by training loss, lies inside the rates it tried;
+             - each swept variant at its best rate with every seed, on both bases; every other
+               row at the best rate of the variant it modifies (`rate`), with every seed;
+             - every row at one rate for all (lr 2e-3), as the study was first run
   5. report  experiments/results/miniature.json (every run, every interval), miniature.md (the
-             tables), miniature.png and miniature-depth.png (need matplotlib)
+             tables, and the wall time of each part), miniature.png and miniature-depth.png (need
+             matplotlib)
 
 Every comparison is paired: two rows scored on the same evaluation batches, their difference
-bootstrapped over those batches and, where both rows have several seeds, over the seeds.
+bootstrapped over whole module families (prose: topics) and, where both rows have several seeds,
+over the seeds. "Equal" needs the 90% interval inside ±MARGIN; Holm corrects each study's claims.
+"Gap recovered" is stated against the frozen baseline and full model, and against the same two
+given every weight trained for the same updates (train.py --pretrain --init baseline / model).
 """
 import signal
 import sys
@@ -34,12 +44,14 @@ import argparse  # noqa: E402
 import contextlib  # noqa: E402
 import datetime  # noqa: E402
 import json  # noqa: E402
+import math  # noqa: E402
 import platform  # noqa: E402
 import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import time  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
+from typing import ClassVar  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -55,80 +67,94 @@ from data import prepare, stdlib  # noqa: E402
 
 @dataclass(frozen=True)
 class Budget(stdlib.Base):  # the base to pretrain (data/stdlib.py), then:
-    steps: int  # of every Ouroboros run
-    lr: float
+    steps: int  # of every run
+    lr: float  # "one rate for all": every row's rate in the study as first designed
     warmup: int
     seeds: tuple  # of the rows run with every seed
-    ranks: tuple  # the rank ablation (each must fit the base's smallest projection)
-    lrs: tuple  # the learning-rate sweep: the rates tried besides lr, with the first seed
+    ranks: tuple  # the rank grid (each must fit the base's smallest projection); rank 8 is every other row's
+    lrs: tuple  # the rates every learning-rate sweep tries first, besides lr (first seed, first base)
+    ladder: tuple  # the rates a sweep may go on to, in order: it extends until its best rate is inside what it tried
     second_base: int  # the pretraining seed of the second base
+    # Which runs the study lists, not how any is made (each has a folder of its own): not in the recipe,
+    # so the study may change them on a work folder made before
+    LISTING: ClassVar = ("seeds", "ranks", "lrs", "ladder", "second_base")
 
 
 # The demo's base recipe, pretrained longer (800 updates, not 300); final scores over 640 windows
 # of 256 tokens per split: the whole of both held-out sets.
 FULL = Budget(**vars(stdlib.DEMO) | dict(pretrain=(800, *stdlib.DEMO.pretrain[1:]), final_tokens=640 * 256),
-              steps=200, lr=2e-3,
-              warmup=20, seeds=(0, 1, 2), ranks=(8, 32), lrs=(6e-4, 6e-3), second_base=1)
+              steps=200, lr=2e-3, warmup=20, seeds=(0, 1, 2), ranks=(8, 32, 64), lrs=(6e-4, 6e-3),
+              ladder=(2e-5, 6e-5, 2e-4, 6e-4, 2e-3, 6e-3, 2e-2, 6e-2, 2e-1), second_base=1)
 QUICK = Budget(config=ob.Qwen2Config(vocab_size=512, hidden_size=64, intermediate_size=160, num_hidden_layers=6,
                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
                                      rope_theta=10000.0, tie_word_embeddings=True),
                every_nth_file=25, val_fraction=0.1, pretrain=(10, 1e-3, 1, 1), steps=4, lr=2e-3, warmup=1,
                batch=(4, 64), eval_batches=2, eval_every=2, final_tokens=2048, seeds=(0, 1), ranks=(8, 32),
-               lrs=(6e-3,), second_base=1)
+               lrs=(6e-3,), ladder=(2e-3, 6e-3), second_base=1)
 
 
 @dataclass(frozen=True)
 class Row:
     name: str
     options: list  # train.py's; every row runs at depth 4, rank 8, causal pool, gate, norms unless it says
-    seeds: str = "all"  # "all": every seed of the budget; "one": the first
-    sweep: bool = False  # also scored at depths 1, 2, 4, 8 and 16 (first seed): a test-time depth sweep
+    seeds: str = "all"  # at one rate for all: "all" the budget's seeds, "one" the first, None: not run there
+    rate: str = None  # at best rates: the swept variant whose best rate it runs at, with every seed; None: not run
+    sweep: bool = False  # at one rate for all, also scored at depths 1, 2, 4, 8 and 16 (first seed): a test-time
+    # depth sweep
 
 
 LOOP, OURS, BASELINE = "loop alone, depth 4", "dynamic, depth 4 (ours)", "baseline model"
-CODA_ALONE = "coda adapters on the baseline (no loop)"
-NONE, D1 = ["--controller", "none"], ["--depth", "1"]
+STATIC, BLIND = "static table, depth 4", "static, Controller-sized, depth 4"
+CODA_ALONE, CODA = "coda adapters on the baseline (no loop)", "dynamic + coda adapters, depth 4"
+FULL_TRAINED = "full model, every weight trained"  # the equally trained references: the same updates and tokens
+HEALED = "baseline model, every weight trained (prune, then heal)"
+NONE, D1, ST = ["--controller", "none"], ["--depth", "1"], ["--controller", "static"]
 ROWS = [
     # The paper's tables, and the controls they need.
-    Row("loop alone, depth 1", NONE + D1),  # only the gate and norms train
-    Row(LOOP, NONE),
-    Row("static table, depth 4", ["--controller", "static"]),  # the paper's static ablation: 7 x 8 per step
-    Row("static, Controller-sized, depth 4", ["--controller", "blind"]),  # the Controller, input zeroed
-    Row(OURS, [], sweep=True),
-    Row("dynamic, depth 1", D1),
-    Row("static table, depth 1", ["--controller", "static", *D1], "one"),
+    Row("loop alone, depth 1", NONE + D1, "one", rate=LOOP),  # only the gate and norms train
+    Row(LOOP, NONE, rate=LOOP),
+    Row(STATIC, ST, rate=STATIC),  # the paper's static ablation: 7 x 8 per step
+    Row(BLIND, ["--controller", "blind"], rate=BLIND),  # the Controller, input zeroed
+    Row(OURS, [], rate=OURS, sweep=True),
+    *(Row(f"{kind}, depth {d}", opts + ["--depth", str(d)], seeds, rate=rate)  # claim 2 at depths 1 to 16
+      for d in (1, 8, 16) for kind, opts, rate, seeds in (("dynamic", [], OURS, "one"),
+                                                            ("static table", ST, STATIC, "one" if d == 1 else None))),
     Row("dynamic, depth 2", ["--depth", "2"], "one"),
-    Row("dynamic, depth 8", ["--depth", "8"]),
-    Row("dynamic, depth 16", ["--depth", "16"]),
     Row("authors' protocol: depth drawn from 4, 8, 16", ["--depths", "4,8,16"], "one", sweep=True),  # one model
-    Row("dynamic, mean pool (the paper's)", ["--pool", "mean"], "one"),
-    Row("dynamic, no gate", ["--no-gate"], "one"),
-    Row("dynamic, no per-step norm", ["--no-step-norm"]),
-    Row("dynamic, no per-step norm, depth 16", ["--no-step-norm", "--depth", "16"]),
-    Row("dynamic, no gate, no per-step norm", ["--no-gate", "--no-step-norm"]),
+    Row("dynamic, mean pool (the paper's)", ["--pool", "mean"], "one", rate=OURS),
+    Row("dynamic, no gate", ["--no-gate"], "one", rate=OURS),
+    Row("dynamic, no per-step norm", ["--no-step-norm"], "one", rate=OURS),
+    Row("dynamic, no per-step norm, depth 16", ["--no-step-norm", "--depth", "16"], "one", rate=OURS),
+    Row("dynamic, no gate, no per-step norm", ["--no-gate", "--no-step-norm"], "one", rate=OURS),
     # Beyond the paper: coda adapters (rank 8: 3 layers x 8 x 2,432 = 58,368 numbers), on the
     # baseline alone and with the loop, against a Controller given about as many more (width 150
     # for 128: +57,310); and per-token adaptive depth (ACT halting, at most 8 steps).
-    Row(CODA_ALONE, [*NONE, *D1, "--no-gate", "--no-step-norm", "--coda-rank", "8"]),
-    Row("dynamic + coda adapters, depth 4", ["--coda-rank", "8"]),
-    Row("dynamic, wider Controller (E = 150)", ["--controller-width", "150"]),
+    Row(CODA_ALONE, [*NONE, *D1, "--no-gate", "--no-step-norm", "--coda-rank", "8"], rate=CODA_ALONE),
+    Row(CODA, ["--coda-rank", "8"], rate=CODA),
+    Row("dynamic, wider Controller (E = 150)", ["--controller-width", "150"], "one", rate=OURS),
     *(Row(f"adaptive depth (at most 8), ponder cost {c}", ["--depth", "8", "--ponder-cost", str(c)], "one")
-      for c in (0.001, 0.01, 0.1))]
-SWEPT = [LOOP, "static table, depth 4", OURS, "dynamic + coda adapters, depth 4"]  # the learning-rate sweep
-SECOND = [LOOP, "static table, depth 4", OURS, "dynamic, depth 1"]  # again on the second base
+      for c in (0.001, 0.01, 0.1)),
+    # The equally trained references: every weight of the full model, or of the baseline, trained
+    Row(FULL_TRAINED, ["--pretrain", "--init", "model"], None, rate=FULL_TRAINED),
+    Row(HEALED, ["--pretrain", "--init", "baseline"], None, rate=HEALED)]
+SWEPT = [LOOP, STATIC, BLIND, OURS, CODA_ALONE, CODA, FULL_TRAINED, HEALED]  # each at its own best rate
 SWEEP_DEPTHS = (1, 2, 4, 8, 16)
 AUTHORS = "authors' protocol: depth drawn from 4, 8, 16"
 FIXED = {1: "dynamic, depth 1", 2: "dynamic, depth 2", 4: OURS, 8: "dynamic, depth 8", 16: "dynamic, depth 16"}
+PREFIX = ", prefix-pooled (as it generates)"  # a mean-pool row scored again with the causal pool
 
 # The claims (and the controls' questions): A − B, what the paper expects of it ("lower": A below
-# B; "equal": no difference), the held-out set that decides it.
+# B; "equal": no difference). Each is read in both studies where both of its rows ran.
 CLAIMS = [
     ("1. the loop recovers part of the gap (depth 4)", OURS, BASELINE, "lower"),
     ("1. ... and the Controller adds to the loop alone", OURS, LOOP, "lower"),
     ("1. the loop alone at depth 4 against depth 1", LOOP, "loop alone, depth 1", "lower"),
-    ("2. dynamic beats the static table (depth 4)", OURS, "static table, depth 4", "lower"),
-    ("2. dynamic beats a Controller-sized static control", OURS, "static, Controller-sized, depth 4", "lower"),
-    ("2. dynamic beats the static table (depth 1)", "dynamic, depth 1", "static table, depth 1", "lower"),
+    ("1. ours against the baseline given the same updates (prune, then heal)", OURS, HEALED, "lower"),
+    ("2. dynamic beats the static table (depth 4)", OURS, STATIC, "lower"),
+    ("2. dynamic beats a Controller-sized static control", OURS, BLIND, "lower"),
+    *((f"2. dynamic beats the static table ({at})", f"dynamic, {at2}", f"static table, {at2}", "lower")
+      for at, at2 in (("depth 1", "depth 1"), ("depth 8", "depth 8"), ("depth 16", "depth 16"),
+                      ("rank 32", "depth 4, rank 32"), ("rank 64", "depth 4, rank 64"))),
     ("3. the gate is needed", OURS, "dynamic, no gate", "lower"),
     ("4. the per-step norm helps (depth 4)", OURS, "dynamic, no per-step norm", "lower"),
     ("4. the per-step norm helps (depth 16)", "dynamic, depth 16", "dynamic, no per-step norm, depth 16", "lower"),
@@ -136,23 +162,24 @@ CLAIMS = [
     ("5. depth 4 against depth 1", OURS, "dynamic, depth 1", "lower"),
     ("5. depth 8 against depth 4 (invariance: equal)", "dynamic, depth 8", OURS, "equal"),
     ("5. depth 16 against depth 8 (invariance: equal)", "dynamic, depth 16", "dynamic, depth 8", "equal"),
-    ("5. authors' protocol (4, 8, 16 drawn) against depth 4", "authors' protocol: depth drawn from 4, 8, 16",
-     OURS, "equal"),
-    ("7. the mean pool's leak (as it generates, against as trained)",
-     "dynamic, mean pool (the paper's), prefix-pooled (as it generates)", "dynamic, mean pool (the paper's)",
-     "equal"),
-    ("7. causal pool against the paper's mean pool (as it generates)", OURS,
-     "dynamic, mean pool (the paper's), prefix-pooled (as it generates)", "equal"),
+    ("5. authors' protocol (4, 8, 16 drawn) against depth 4", AUTHORS, OURS, "equal"),
+    ("7. the mean pool's leak (as it generates, against as trained)", "dynamic, mean pool (the paper's)" + PREFIX,
+     "dynamic, mean pool (the paper's)", "equal"),
+    ("7. causal pool against the paper's mean pool (as it generates)", OURS, "dynamic, mean pool (the paper's)"
+     + PREFIX, "equal"),
     ("rank 32 against rank 8", "dynamic, depth 4, rank 32", OURS, "equal"),
+    ("rank 64 against rank 8", "dynamic, depth 4, rank 64", OURS, "equal"),
     ("coda adapters on the baseline, no loop", CODA_ALONE, BASELINE, "lower"),
-    ("coda adapters: with the loop against without", "dynamic + coda adapters, depth 4", CODA_ALONE, "lower"),
-    ("coda adapters added to dynamic", "dynamic + coda adapters, depth 4", OURS, "lower"),
+    ("coda adapters: with the loop against without", CODA, CODA_ALONE, "lower"),
+    ("coda adapters added to dynamic", CODA, OURS, "lower"),
     ("a wider Controller (as many more weights) added to dynamic", "dynamic, wider Controller (E = 150)", OURS,
      "lower"),
-    ("second base: dynamic beats the static table", f"{OURS} [second base]", "static table, depth 4 [second base]",
-     "lower"),
+    ("second base: dynamic beats the static table", f"{OURS} [second base]", f"{STATIC} [second base]", "lower"),
+    ("second base: dynamic beats a Controller-sized static control", f"{OURS} [second base]",
+     f"{BLIND} [second base]", "lower"),
     ("second base: the Controller adds to the loop alone", f"{OURS} [second base]", f"{LOOP} [second base]",
      "lower"),
+    ("second base: coda adapters added to dynamic", f"{CODA} [second base]", f"{OURS} [second base]", "lower"),
 ]
 
 
@@ -162,45 +189,132 @@ class Run:
     options: list
     seed: int
     base: int = 0  # the pretraining seed of the base it trains on
+    part: str = ""  # of the study, for the wall time of each part
 
     @property
     def folder(self):
         return f"{slug(self.row)}-seed{self.seed}"
 
 
-def runs(budget):
-    """Every Run of the study, in the order they run: every row with the first seed, the second
-    base, the learning-rate sweep, then the other seeds over the rows that have them."""
-    sweep = ["--eval-depths", ",".join(map(str, SWEEP_DEPTHS))]
-    rows = ROWS + [Row(f"dynamic, depth 4, rank {r}", ["--rank", str(r)], "one") for r in budget.ranks if r != 8]
-    first, options = budget.seeds[0], {r.name: r.options for r in rows}
-    todo = [Run(r.name, r.options + (sweep if r.sweep else []), first) for r in rows]
-    todo += [Run(f"{name} [second base]", options[name], first, budget.second_base) for name in SECOND]
-    todo += [Run(f"{name}, lr {lr:g}", options[name] + ["--lr", str(lr)], first) for lr in budget.lrs for name in SWEPT]
-    return todo + [Run(r.name, r.options, s) for s in budget.seeds[1:] for r in rows if r.seeds == "all"]
+def study_rows(budget):
+    """ROWS and the rank grid: dynamic and static at each rank of the budget but 8."""
+    return ROWS + [Row(f"{kind}, depth 4, rank {k}", opts + ["--rank", str(k)], seeds, rate=rate) for k in budget.ranks
+                   if k != 8 for kind, opts, rate, seeds in (("dynamic", [], OURS, "one"), ("static table", ST, STATIC,
+                                                                                              None))]
+
+
+def at(row, lr, budget):
+    """The name of `row` run at the learning rate lr."""
+    return row if lr == budget.lr else f"{row}, lr {lr:g}"
+
+
+def plan(budget, losses):
+    """{swept variant: (the rates its sweep runs, its best rate or None while it is not settled)}. losses:
+    {(variant, rate): the training loss of the finished run (the mean of its last 50 updates, the same
+    batches at every rate; inf if it diverged)}. A sweep starts at lr and lrs, and while its best is
+    the lowest (highest) rate it tried, it goes on to the next lower (higher) rate of the ladder."""
+    found = {}
+    for v in SWEPT:
+        rates = sorted({budget.lr, *budget.lrs})
+        while all((v, lr) in losses for lr in rates):
+            best = min(rates, key=lambda lr: losses[v, lr])
+            k = budget.ladder.index(best) + (-1 if best == rates[0] else 1 if best == rates[-1] else 0)
+            if best not in (rates[0], rates[-1]) or not 0 <= k < len(budget.ladder):
+                found[v] = (rates, best)  # inside the rates tried, or at the ladder's end
+                break
+            rates = sorted(rates + [budget.ladder[k]])
+        else:
+            found[v] = (rates, None)
+    return found
+
+
+def runs(budget, swept):
+    """Every Run of the study, in the order they run (swept: plan()'s): the learning-rate sweeps; at
+    each variant's best rate, the swept variants with every seed on both bases, then every other row
+    with every seed; at one rate for all (budget.lr), every row with the first seed, then the others."""
+    first, rows, todo = budget.seeds[0], {r.name: r for r in study_rows(budget)}, []
+
+    def add(row, lr, seed, base=0, part=""):
+        tag, depths = " [second base]" if base else "", ["--eval-depths", ",".join(map(str, SWEEP_DEPTHS))]
+        options = (row.options + (["--lr", str(lr)] if lr != budget.lr else [])
+                   + (depths if row.sweep and lr == budget.lr and seed == first and not base else []))
+        todo.append(Run(at(row.name, lr, budget) + tag, options, seed, base, part))
+
+    for v in SWEPT:
+        for lr in swept[v][0]:
+            add(rows[v], lr, first, part="learning-rate sweeps")
+    best = {v: b for v, (_, b) in swept.items() if b}
+    for v in SWEPT:
+        if v in best:
+            for seed, base in [(s, 0) for s in budget.seeds[1:]] + [(s, budget.second_base) for s in budget.seeds]:
+                add(rows[v], best[v], seed, base, "the swept variants at their best rates, both bases")
+    for r in study_rows(budget):
+        if r.rate in best and r.name not in SWEPT:
+            for seed in budget.seeds:
+                add(r, best[r.rate], seed, part="every other row at its variant's best rate")
+    for r in study_rows(budget):
+        if r.seeds:
+            add(r, budget.lr, first, part="one rate for all")
+    for seed in budget.seeds[1:]:
+        for r in ROWS:
+            if r.seeds == "all":
+                add(r, budget.lr, seed, part="one rate for all")
+    unique = {}
+    for run in todo:  # a run listed twice (the sweep's run at a best rate) runs once, where it comes first
+        unique.setdefault(run.folder, run)
+    return list(unique.values())
 
 # ----------------------------------------------------------------------------------------
 # Stage 4: the runs
 
 
+def train_loss(out):
+    """The training loss at the end of the run in `out`: the mean of its last 50 updates."""
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return float(np.mean([m["loss"] for m in metrics[-50:]]))
+
+
+def sweep_losses(work, budget):
+    """plan()'s losses, from the sweeps' runs finished (or diverged) in WORK/runs."""
+    losses = {}
+    for v in SWEPT:
+        for lr in budget.ladder:
+            out = work / "runs" / Run(at(v, lr, budget), [], budget.seeds[0]).folder
+            if ended(out):
+                losses[v, lr] = math.inf if (out / "diverged.txt").is_file() else train_loss(out)
+    return losses
+
+
+def todo(work, budget):
+    """runs() as far as the finished sweeps in `work` settle it."""
+    return runs(budget, plan(budget, sweep_losses(work, budget)))
+
+
 def run_all(work, budget, bases, data, log):
-    todo = runs(budget)
+    """Every run of todo() not run yet, one at a time: each finished sweep run may add runs (the sweep's
+    next rate, or a variant's runs at its best rate), so the list is made again after each."""
     cost = lambda run: 6 + int(dict(zip(run.options[::2], run.options[1::2])).get("--depth", 4))  # noqa: E731
-    total, done, t0 = sum(map(cost, todo)), 0, time.time()
-    spent, first = 0, {}  # the cost of the runs that ran now (not the cached ones), for the ETA
-    for i, run in enumerate(todo, 1):
-        # the frozen baseline and full model score the same in every run: once per base
-        refs = ["--eval-full"] if first.setdefault(run.base, run) == run else ["--no-eval-baseline"]
-        out = work / "runs" / run.folder
-        if not ended(out):
-            eta = (time.time() - t0) / spent * (total - done) if spent else None
-            log(f"[runs] {i}/{len(todo)} {run.row}, seed {run.seed}"
-                + (f" | ETA {datetime.timedelta(seconds=round(eta))}" if eta else ""))
-            finished = stdlib.run_logged(out, run_argv(run, budget, bases, data, refs), train.main)
-            if not (finished or (out / "diverged.txt").is_file()):
-                sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
-            spent += cost(run)
-        done += cost(run)
+    t0, spent = time.time(), 0  # the cost of the runs that ran now (not the cached ones), for the ETA
+    while left := [run for run in todo(work, budget) if not ended(work / "runs" / run.folder)]:
+        run, out = left[0], work / "runs" / left[0].folder
+        eta = (time.time() - t0) / spent * sum(map(cost, left)) if spent else None
+        log(f"[runs] {run.row}, seed {run.seed} ({len(left)} left, more once the sweeps settle)"
+            + (f" | ETA {datetime.timedelta(seconds=round(eta))} for those" if eta else ""))
+        finished = stdlib.run_logged(out, run_argv(run, budget, bases, data, references(work, run)), train.main)
+        if not (finished or (out / "diverged.txt").is_file()):
+            sys.exit(f"interrupted: {out} is saved; run the same command again to continue")
+        spent += cost(run)
+
+
+def references(work, run):
+    """Which frozen models `run`'s final table scores: the baseline and the full model, until a run on
+    its base has scored them (they score the same in every run), then neither."""
+    if "--pretrain" in run.options:  # an equally trained reference scores itself alone
+        return []
+    mine = [out / "results.json" for out in (work / "runs").glob("*") if ("-second-base-seed" in out.name) == bool(
+        run.base)]
+    done = any("full" in json.loads(file.read_text()) for file in mine if file.is_file())
+    return ["--no-eval-baseline"] if done else ["--eval-full"]
 
 
 def run_argv(run, budget, bases, data, refs):
@@ -212,14 +326,17 @@ def run_argv(run, budget, bases, data, refs):
 
 def rerun_target(work, results, budget, folder):
     """--rerun's run and its committed row, or a one-line error before anything is trained."""
-    todo = {run.folder: run for run in runs(budget)}
-    if folder not in todo:
+    file = results / "miniature.json"
+    study = json.loads(file.read_text()) if file.is_file() else {}
+    swept = {v: tuple(study.get("sweeps", {}).get(v, (sorted({budget.lr, *budget.lrs}), None))) for v in SWEPT}
+    listed = {run.folder: run for run in runs(budget, swept)}  # as the committed study settled its sweeps
+    if folder not in listed:
         raise ValueError(f"--rerun {folder}: not a run of this study; its runs are the folders of {work}/runs, "
-                         f"e.g. {next(iter(todo))}")
-    run, file = todo[folder], results / "miniature.json"
+                         f"e.g. {next(iter(listed))}")
+    run = listed[folder]
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no results to compare with")
-    row = json.loads(file.read_text())["rows"].get(run.row, {})
+    row = study["rows"].get(run.row, {})
     if run.seed not in row.get("seeds", []):
         raise ValueError(f"{file}: no results for {run.row!r}, seed {run.seed}")
     return run, row
@@ -231,9 +348,11 @@ def rerun(work, budget, bases, data, run, row, log):
     out = work / "rerun" / run.folder
     shutil.rmtree(out, ignore_errors=True)
     log(f"[rerun] {run.row}, seed {run.seed}, afresh in {out}")
-    if not stdlib.run_logged(out, run_argv(run, budget, bases, data, ["--no-eval-baseline"]), train.main):
+    refs = [] if "--pretrain" in run.options else ["--no-eval-baseline"]
+    if not stdlib.run_logged(out, run_argv(run, budget, bases, data, refs), train.main):
         sys.exit(f"interrupted: {out} is not finished (a --rerun starts afresh)")
-    scored = json.loads((out / "windows.json").read_text())["ours"]
+    scored = json.loads((out / "windows.json").read_text())
+    scored = scored.get("ours", scored.get("model"))
     for split in HELD_OUT:
         now, then = float(np.mean(scored[split])), row["by seed"][split][row["seeds"].index(run.seed)]
         log(f"[rerun] {SPLITS[split]}: {now:.6f} now, {then:.6f} committed, difference {now - then:+.1e}")
@@ -255,11 +374,11 @@ SPLITS = {"held-out": "held-out modules", "prose": "held-out prose", "train": "t
 HELD_OUT = ("held-out", "prose")
 
 
-def collect(work, budget):
+def collect(work, budget, swept):
     """Every scored model of the study: {row: {"seeds": [...], "windows": {split: (seeds, batches)},
-    plus the first seed's results (options, depth, FLOPs, trainable, tok/s, curve)}}. A run scores
-    several rows: the frozen baseline and full model (the first run of each base), its own, and
-    those of a depth sweep or of prefix pooling."""
+    plus the first seed's results (options, rate, depth, FLOPs, trainable, tok/s, curve)}}. A run
+    scores several rows: the frozen baseline and full model (once per base), its own, and those of a
+    depth sweep or of prefix pooling. Rows are named as they ran (at(): with their rate)."""
     rows = {}
 
     def add(row, seed, windows, **info):
@@ -269,40 +388,59 @@ def collect(work, budget):
             if split in windows:
                 r["windows"].setdefault(split, []).append(windows[split])
 
-    for run in runs(budget):
+    for run in runs(budget, swept):
         out = work / "runs" / run.folder
         tag = " [second base]" if run.base else ""
         if not ended(out):
             continue  # not run yet: the report says which (the study can be run in parts)
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        curve = [(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m]
         if (out / "diverged.txt").is_file():
             rows.setdefault(run.row, dict(seeds=[], windows={}, diverged=(out / "diverged.txt").read_text()))
             continue
         res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
+        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], options=run.options,
+                    lr=float(run.options[run.options.index("--lr") + 1]) if "--lr" in run.options else budget.lr,
+                    curve=[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m],
+                    train_loss_end=train_loss(out))
+        if "model" in scored:  # an equally trained reference: a plain Qwen2
+            add(run.row, run.seed, scored["model"], **info)
+            continue
         options = checkpoint.saved_options(json.loads((out / "state.json").read_text()), train.parse_args)
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
         depth = res["mean depth"]["held-out"]  # with halting: fewer steps than --depth
         for ref in ("baseline", "full"):  # frozen: every run scores the same numbers; keep the first
             if ref in scored and f"{ref} model{tag}" not in rows:
                 add(f"{ref} model{tag}", None, scored[ref], trainable=0)
-        info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], curve=curve, options=run.options,
-                    train_loss_end=float(np.mean([m["loss"] for m in metrics[-50:]])))  # the last 50 updates
-        add(run.row, run.seed, scored["ours"], depth=depth, **info,
-            flops=ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9)
+        flops = lambda d, steps: ob.forward_flops(shape, steps, d) / 1e9  # noqa: E731
+        add(run.row, run.seed, scored["ours"], depth=depth, flops=flops(res["run"]["depth"], depth), **info)
         if "ours, prefix-pooled" in scored:
-            add(f"{run.row}, prefix-pooled (as it generates)", run.seed, scored["ours, prefix-pooled"], depth=depth,
-                **info, flops=ob.forward_flops(shape, depth, res["run"]["depth"]) / 1e9)
+            add(run.row + PREFIX, run.seed, scored["ours, prefix-pooled"], depth=depth,
+                flops=flops(res["run"]["depth"], depth), **info)
         for d in SWEEP_DEPTHS:
             if f"ours, depth {d}" in scored:
                 add(f"{run.row}, evaluated at depth {d}", run.seed, scored[f"ours, depth {d}"], depth=d,
-                    **info, flops=ob.forward_flops(shape, d, d) / 1e9)
+                    flops=flops(d, d), **info)
     groups = clusters(work / "data", budget)
     for r in rows.values():  # the frozen models: one set of windows, the same for every seed
         r["mean"] = {s: float(np.mean(w)) for s, w in r["windows"].items()}
         r["by seed"] = {s: [float(np.mean(x)) for x in w] for s, w in r["windows"].items()}
         r["clusters"] = {s: groups[s] for s, w in r["windows"].items() if s in groups and len(groups[s]) == len(w[0])}
     return rows
+
+
+def family(rows, budget, swept, best_rates):
+    """One of the two studies in `rows` (collect's), under the names of study_rows: every row at its
+    variant's best rate (best_rates=True), or at one rate for all. Both have the frozen models and the
+    equally trained references, at their best rates."""
+    best = {v: b for v, (_, b) in swept.items() if b}
+    found = {n: rows[n] for n in (BASELINE, "full model", f"{BASELINE} [second base]", "full model [second base]")
+             if n in rows}
+    for r in study_rows(budget):
+        lr = best.get(r.rate) if best_rates or r.name in (FULL_TRAINED, HEALED) else r.seeds and budget.lr
+        for suffix in ("", " [second base]", PREFIX, *(f", evaluated at depth {d}" for d in SWEEP_DEPTHS)):
+            if lr and at(r.name, lr, budget) + suffix in rows:
+                found[r.name + suffix] = rows[at(r.name, lr, budget) + suffix]
+    return found
 
 
 def clusters(data, budget):
@@ -413,28 +551,44 @@ def mean_sd(xs, spec=".4f"):
     return format(xs[0], spec) if len(xs) == 1 else f"{statistics.mean(xs):{spec}} ± {statistics.stdev(xs):{spec}}"
 
 
-def tables(rows):
-    """Markdown: every row (mean ± sd over seeds, gap recovered, Δ against the loop alone with its
-    interval), then every claim with its paired interval and reading, then the depth sweep."""
-    held = splits = [s for s in HELD_OUT if s in rows[BASELINE]["mean"]]
-    head = (["variant", "seeds"] + [f"{SPLITS[s]} loss" for s in splits] + [f"gap recovered % ({SPLITS[s]})"
-            for s in held] + [f"Δ {SPLITS[s]} vs loop alone, depth 4 [95% CI]" for s in held] +
-            ["loop steps per token", "forward MFLOP per token", "trainable"])
+def gaps(rows, name, split):
+    """Gap recovered by row `name` on split, per seed, in %: against the frozen baseline and full model,
+    and against the equally trained ones (prune then heal, and the full model trained), of its base."""
+    tag = " [second base]" if name.endswith("[second base]") else ""
+    found = []
+    for low, high in ((BASELINE, "full model"), (HEALED, FULL_TRAINED)):
+        if low + tag in rows and high + tag in rows and "diverged" not in rows[low + tag]:
+            b, f = rows[low + tag]["mean"][split], rows[high + tag]["mean"][split]
+            found.append([100 * (b - x) / (b - f) for x in rows[name]["by seed"][split]])
+        else:
+            found.append(None)
+    return found
+
+
+def tables(rows, depth_sweep=True):
+    """Markdown: every row of a family() (mean ± sd over seeds, gap recovered, Δ against the loop alone
+    with its interval), then every claim with its paired interval and reading, then the depth sweep."""
+    held = [s for s in HELD_OUT if s in rows[BASELINE]["mean"]]
+    head = (["variant", "lr", "seeds"] + [f"{SPLITS[s]} loss" for s in held]
+            + [f"gap recovered %, {ref} ({SPLITS[s]})" for ref in ("frozen", "equally trained") for s in held]
+            + [f"Δ {SPLITS[s]} vs loop alone, depth 4 [95% CI]" for s in held]
+            + ["loop steps per token", "forward MFLOP per token", "trainable"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in rows.items():
         if "diverged" in r:
-            lines.append(f"| {name} | {len(r['seeds'])} | diverged: {r['diverged'].split(':')[1].strip()} |"
-                         + " |" * (len(head) - 3))
+            lines.append(f"| {name} | | {len(r['seeds'])} | diverged: {r['diverged'].split(':')[1].strip()} |"
+                         + " |" * (len(head) - 4))
             continue
         tag = " [second base]" if name.endswith("[second base]") else ""
-        b, f = rows[BASELINE + tag]["mean"], rows["full model" + tag]["mean"]  # of its own base
         seeds = "-" if r["seeds"] == [None] else str(len(r["seeds"]))
-        cells = [mean_sd(r["by seed"][s]) for s in splits]
-        cells += [mean_sd([100 * (b[s] - x) / (b[s] - f[s]) for x in r["by seed"][s]], ".1f") for s in held]
-        cells += ["" if seeds == "-" or name == LOOP + tag else ci(compare(rows, name, LOOP + tag, s)) for s in held]
+        cells = [format(r["lr"], "g") if "lr" in r else "-", seeds] + [mean_sd(r["by seed"][s]) for s in held]
+        recovered = [gaps(rows, name, s) for s in held]
+        cells += ["-" if g[k] is None else mean_sd(g[k], ".1f") for k in (0, 1) for g in recovered]
+        cells += ["" if seeds == "-" or name == LOOP + tag or LOOP + tag not in rows else
+                  ci(compare(rows, name, LOOP + tag, s)) for s in held]
         cells += [f"{r['depth']:.2f}" if "depth" in r else "", f"{1e3 * r['flops']:.2f}" if "flops" in r else "",
                   f"{r['trainable']:,}"]
-        lines.append(f"| {name} | {seeds} | " + " | ".join(cells) + " |")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
     claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI], p" for s in held)
               + " | reading (held-out modules) | reading (held-out prose) |", "|" + " --- |" * (6 + len(held))]
     read = read_claims(rows, held)
@@ -442,12 +596,14 @@ def tables(rows):
              if c["clusters"] else f"{c['batches']} batches ({SPLITS[s]})" for s, c in zip(held, read[0][4])
              ] if read else []
     claims[0] = (f"\nEach interval resamples whole clusters, {' and '.join(units)}, and the seeds where there are "
-                 f"several; Holm corrects the claims together; \"equal\" needs the 90% interval within ±{MARGIN}.\n"
-                 if read else "")
+                 f"several; Holm corrects these {len(read)} claims together; \"equal\" needs the 90% interval "
+                 f"within ±{MARGIN}.\n" if read else "")
     for claim, a, bb, expect, cs, survive in read:
         claims.append(f"| {claim} | {a} | {bb} | {cs[0]['seeds']} | " + " | ".join(
             f"{ci(c)}, {p_value(c)}" for c in cs) + " | " + " | ".join(
             verdict(c, expect, ok) for c, ok in zip(cs, survive)) + (" | -" * (2 - len(held))) + " |")
+    if not depth_sweep:
+        return "\n".join(lines + claims) + "\n"
     sweep = ["", "| evaluated at depth | " + " | ".join(
         f"{who}, {SPLITS[s]}" for who in ("authors' protocol", "trained at depth 4", "trained at that depth")
         for s in held) + " |", "|" + " --- |" * (1 + 3 * len(held))]
@@ -460,38 +616,35 @@ def tables(rows):
     return "\n".join(lines + claims + sweep) + "\n"
 
 
-def lr_table(rows, budget):
-    """The learning-rate sweep (first seed): each variant's losses at each rate, its best rate by its
-    training loss (the mean of the last 50 updates, on the same batches at every rate; never by a
-    held-out set), and the variants compared at their best rates."""
-    rates = sorted((budget.lr, *budget.lrs))
-    name = lambda v, lr: v if lr == budget.lr else f"{v}, lr {lr:g}"  # noqa: E731
+def lr_table(rows, budget, swept):
+    """The learning-rate sweeps (first seed, first base): each variant's losses at each rate it tried,
+    its best rate by its training loss (the mean of the last 50 updates, on the same batches at every
+    rate; never by a held-out set), and the variants compared at their best rates."""
+    rates = sorted({lr for tried, _ in swept.values() for lr in tried})
     head = ["variant"] + [f"lr {lr:g}: training loss / held-out modules" for lr in rates] + [
         "best rate (by training loss)", "Δ held-out modules vs loop alone, both at best [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    first = lambda r: {"held-out": rows[r]["by seed"]["held-out"][0], "train": rows[r]["train_loss_end"]}  # noqa
-    best = {}
+    first = lambda r: (rows[r]["train_loss_end"], rows[r]["by seed"]["held-out"][0])  # noqa: E731
     for v in SWEPT:
-        got = {lr: first(name(v, lr)) for lr in rates if name(v, lr) in rows and "diverged" not in rows[name(v, lr)]}
-        best[v] = min(got, key=lambda lr: got[lr]["train"]) if got else None
-        lines.append(f"| {v} | " + " | ".join(f"{got[lr]['train']:.4f} / {got[lr]['held-out']:.4f}" if lr in got
-                                               else "diverged" if name(v, lr) in rows else "not run yet"
-                                               for lr in rates) + f" | {format(best[v], 'g') if best[v] else '-'} | ")
-    for k, v in enumerate(SWEPT):
+        tried, best = swept[v]
+        cells = [("diverged" if "diverged" in rows[at(v, lr, budget)] else "%.4f / %.4f" % first(at(v, lr, budget)))
+                 if at(v, lr, budget) in rows else "not run yet" if lr in tried else "" for lr in rates]
+        edge = best in (budget.ladder[0], budget.ladder[-1]) and best in (tried[0], tried[-1])
+        cells.append("not settled yet" if best is None else f"{best:g}" + " (the ladder's end)" * edge)
         c = None
-        if best[v] and best[LOOP] and v != LOOP:
-            a, b = rows[name(v, best[v])], rows[name(LOOP, best[LOOP])]
+        if best and swept[LOOP][1] and v != LOOP:
+            a, b = rows[at(v, best, budget)], rows[at(LOOP, swept[LOOP][1], budget)]
             c = paired([a["windows"]["held-out"][0]], [b["windows"]["held-out"][0]],  # the first seed's
                        clusters=a.get("clusters", {}).get("held-out"))
-        lines[2 + k] += ("" if v == LOOP else ci(c)) + " |"
+        lines.append(f"| {v} | " + " | ".join(cells) + f" | {'' if v == LOOP else ci(c)} |")
     return "\n".join(lines) + "\n"
 
 
 def main_rows(rows):
-    """The rows of the study proper: not the frozen models, the depth sweep's, the second base's
-    or the learning-rate sweep's."""
+    """The rows of a family() drawn in the figure: not the frozen models, the depth sweep's or the
+    second base's."""
     return [n for n, r in rows.items() if r["seeds"] != [None] and "diverged" not in r and "evaluated at" not in n
-            and "[second base]" not in n and ", lr " not in n]
+            and "[second base]" not in n]
 
 
 def figure(rows, file):
@@ -506,14 +659,15 @@ def figure(rows, file):
     for k, n in enumerate(names):
         r = rows[n]
         ys = r["by seed"]["held-out"]
-        if max(ys) > rows[BASELINE]["mean"]["held-out"] + 0.5:
-            continue  # a variant far worse than the baseline (no gate) would flatten the axis
+        if max(ys) > rows[BASELINE]["mean"]["held-out"] + 0.5 or "flops" not in r:
+            continue  # a variant far worse than the baseline (no gate) would flatten the axis; a reference is a line
         x, y = 1e3 * r["flops"], statistics.mean(ys)
         left.errorbar(x, y, yerr=statistics.stdev(ys) if len(ys) > 1 else None, fmt="o", color="C0",
                       mfc="C0" if len(ys) > 1 else "white", capsize=3)
         left.annotate(str(k + 1), (x, y), fontsize=7, xytext=(4, 2), textcoords="offset points")
-    for ref, style in ((BASELINE, ":"), ("full model", "--")):
-        left.axhline(rows[ref]["mean"]["held-out"], color="gray", linestyle=style, label=ref)
+    for ref, style in ((BASELINE, ":"), ("full model", "--"), (HEALED, "-."), (FULL_TRAINED, "-")):
+        if ref in rows and "diverged" not in rows[ref]:
+            left.axhline(rows[ref]["mean"]["held-out"], color="gray", linestyle=style, label=ref)
     left.set(xlabel="forward MFLOP per token", ylabel="held-out modules loss (nats)",
              title="Loss against compute, variants numbered as on the right\n"
                    "(filled: mean ± sd over seeds; hollow: 1 seed)")
@@ -577,17 +731,22 @@ def depth_figure(rows, file):
 
 
 def report(work, results, budget, log, meta):
-    rows = collect(work, budget)
+    swept = plan(budget, sweep_losses(work, budget))
+    rows, listed = collect(work, budget, swept), runs(budget, swept)
+    best, one = (family(rows, budget, swept, b) for b in (True, False))
     base_dirs = [work / ("base" if seed == 0 else f"base-seed{seed}") for seed in (0, budget.second_base)]
-    seconds = sum(stdlib.wall_s(part) for part in [work / "data", *base_dirs,
-                                                    *(work / "runs" / run.folder for run in runs(budget))])
+    parts = {"data": stdlib.wall_s(work / "data"), "bases": sum(map(stdlib.wall_s, base_dirs))}
+    for run in listed:
+        parts[run.part] = parts.get(run.part, 0) + stdlib.wall_s(work / "runs" / run.folder)
     results.mkdir(parents=True, exist_ok=True)
     head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True)
     data = work / "data"
+    held = [s for s in HELD_OUT if s in rows.get(BASELINE, {}).get("mean", {})]
     study = dict(date=datetime.date.today().isoformat(), command=" ".join(["python", *sys.argv]),
                  commit=head.stdout.strip() or None,  # of the report; a cached run may be older
                  machine=f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads",
-                 cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__, wall_s=round(seconds),
+                 cpu=cpu_name(), python=platform.python_version(), torch=torch.__version__,
+                 wall_s=round(sum(parts.values())), wall_s_by_part={k: round(v) for k, v in parts.items()},
                  corpus=dict(what="Python standard library (.py, no tests)", files=meta.get("files"),
                              sha256=meta.get("inputs_sha256"), train_tokens=meta["train_tokens"],
                              val_tokens=meta["val_tokens"], train_documents=meta["train_documents"],
@@ -597,22 +756,32 @@ def report(work, results, budget, log, meta):
                  bases={str(seed): json.loads((d / "results.json").read_text())["model"]
                         for seed, d in zip((0, budget.second_base), base_dirs)},
                  config=budget.config.to_dict(), budget={k: v for k, v in budget.__dict__.items() if k != "config"},
-                 rows={n: {k: v for k, v in r.items() if k not in ("windows", "clusters")} for n, r in rows.items()},
-                 claims=[dict(claim=c, a=a, b=b, expect=e, **{s: dict(cmp, holm=ok, reading=verdict(cmp, e, ok))
-                                                              for s, cmp, ok in zip(HELD_OUT, cs, survive)})
-                         for c, a, b, e, cs, survive in read_claims(rows, [s for s in HELD_OUT
-                                                                             if s in rows[BASELINE]["mean"]])])
-    study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in runs(budget)
-                            if not ended(work / "runs" / run.folder)]
-    md = tables(rows) + "\n" + lr_table(rows, budget)
-    if study["not run yet"]:
-        md += f"\nNot run yet ({len(study['not run yet'])} runs): " + "; ".join(study["not run yet"]) + ".\n"
+                 sweeps=swept, rows={n: {k: v for k, v in r.items() if k not in ("windows", "clusters")}
+                                     for n, r in rows.items()},
+                 claims={name: [dict(claim=c, a=a, b=b, expect=e, **{s: dict(cmp, holm=ok, reading=verdict(cmp, e, ok))
+                                                                     for s, cmp, ok in zip(held, cs, survive)})
+                                for c, a, b, e, cs, survive in read_claims(fam, held)] if held else []
+                         for name, fam in (("at best rates", best), ("one rate for all", one))})
+    study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in listed if not ended(work / "runs" / run.folder)]
+    study["sweeps not settled"] = [v for v, (_, b) in swept.items() if b is None]
+    md = ("### Each variant at its best learning rate\n\n" + (tables(best, depth_sweep=False) if held else "-\n")
+          + "\n### The learning-rate sweeps\n\n" + lr_table(rows, budget, swept)
+          + f"\n### One rate for all (lr {budget.lr:g})\n\n" + (tables(one) if held else "-\n")
+          + "\n### Wall time\n\n| part | runs | wall time |\n| --- | --- | --- |\n" + "".join(
+              f"| {k} | {sum(run.part == k for run in listed) or '-'} | {datetime.timedelta(seconds=round(v))} |\n"
+              for k, v in parts.items()) + f"| the whole study | {len(listed)} | "
+          f"{datetime.timedelta(seconds=study['wall_s'])} |\n")
+    if study["not run yet"] or study["sweeps not settled"]:
+        md += (f"\nNot run yet ({len(study['not run yet'])} runs, and those of the sweeps not settled: "
+               f"{', '.join(study['sweeps not settled']) or 'none'}): " + "; ".join(study["not run yet"]) + ".\n")
     ob.write_json(results / "miniature.json", study)
     write_table(results / "miniature.md", md)
     log("\n" + md)
+    if not held:
+        return log(f"wrote {results}/miniature.json and miniature.md (no run has scored the frozen models yet)")
     try:
-        figure(rows, results / "miniature.png")
-        depth_figure(rows, results / "miniature-depth.png")
+        figure(best, results / "miniature.png")
+        depth_figure(one, results / "miniature-depth.png")
         log(f"wrote {results}/miniature.json, miniature.md, miniature.png, miniature-depth.png")
     except ImportError:
         log(f"wrote {results}/miniature.json and miniature.md; the figures need matplotlib: "
@@ -650,6 +819,8 @@ def main(argv=None):
     ap.add_argument("--results", help="default experiments/results (--quick: WORK/results)")
     ap.add_argument("--rerun", metavar="RUN", help="train one run afresh (a folder name of WORK/runs, e.g. "
                     "dynamic-depth-4-ours-seed1) and compare it with the committed results")
+    ap.add_argument("--report", action="store_true", help="write the report from the runs done so far, and run "
+                    "nothing more (a study in parts)")
     args = ap.parse_args(argv)
     try:
         study(args)
@@ -674,6 +845,8 @@ def study(args):
     if args.quick and results.resolve() == (HERE / "results").resolve():
         raise ValueError(f"--results {args.results}: the committed study's; --quick writes its smoke results "
                          "elsewhere (by default WORK/results)")
+    if args.report and (args.rerun or args.fresh):
+        raise ValueError(f"--report writes the report of what is done: not with --{'rerun' if args.rerun else 'fresh'}")
     target = args.rerun and rerun_target(work, results, budget, args.rerun)  # checked before any work
     if args.fresh and work.exists():
         if not (work / "recipe.json").is_file():  # only a folder a study or demo made (data/stdlib.py)
@@ -682,9 +855,16 @@ def study(args):
         shutil.rmtree(work)
     log = lambda *a: print(*a, flush=True)  # noqa: E731
     run_logged = lambda out, argv: stdlib.run_logged(out, argv, train.main)  # noqa: E731
+    data = work / "data"
+    if args.report:  # what is done, as it is: nothing is made
+        made = [work / f for f in ("data/meta.json", "base/results.json",
+                                   f"base-seed{budget.second_base}/results.json")]
+        if missing := [f for f in made if not f.is_file()]:
+            raise FileNotFoundError(f"--report: {missing[0]} is not made yet; run the study without --report first")
+        stdlib.claim(work, budget, args.corpus)  # made with this recipe (it was recorded with the data)
+        return report(work, results, budget, log, json.loads((data / "meta.json").read_text()))
     bases = {seed: stdlib.pretrained_base(work, budget, run_logged, log, args.corpus, seed)[0]
              for seed in ((target[0].base,) if target else (0, budget.second_base))}  # --rerun: its own
-    data = work / "data"
     if target:
         return rerun(work, budget, bases, data, *target, log)
     run_all(work, budget, bases, data, log)
