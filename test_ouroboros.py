@@ -1730,6 +1730,16 @@ def test_resume_takes_the_saved_runs_options_where_the_command_gives_none(tmp_pa
     assert "--resume with other options (warmup: checkpoint 1, now 3)" in message
 
 
+def test_the_same_command_with_eval_on_resumes(tmp_path, demo):
+    """--eval-on appends to a list: resumed, the saved run's files and the command's are scored once each
+    (the study resumes its runs with their full command, --eval-on prose.bin included)."""
+    other = tmp_path / "other.bin"
+    shutil.copyfile(demo[1] / "val.bin", other)
+    train.main(run_args(demo, tmp_path / "run", "--steps", "2", "--eval-on", str(other)))
+    train.main(run_args(demo, tmp_path / "run", "--steps", "4", "--eval-on", str(other), "--resume"))
+    assert list(json.loads((tmp_path / "run" / "results.json").read_text())["ours"]) == ["train", "held-out", "other"]
+
+
 def test_compile_says_what_it_costs_on_a_cpu(tmp_path, demo, monkeypatch, capsys):
     """--compile on a CPU works, but compiling takes minutes: the log says so before the first step."""
     monkeypatch.setattr(torch, "compile", lambda model: model)  # the compiled path itself: tested elsewhere

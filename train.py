@@ -132,6 +132,7 @@ def parse_args(argv=None):
         ap.set_defaults(**{k: v for k, v in saved.get("args", saved["options"]).items() if k in vars(args)})
         args = ap.parse_args(argv)
     args.depths = args.depths or [args.depth]
+    args.eval_on = list(dict.fromkeys(args.eval_on))  # resumed: the saved run's and the command's, each once
     return args
 
 
