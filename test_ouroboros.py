@@ -2160,6 +2160,27 @@ def test_a_learning_rate_sweep_goes_on_until_its_best_rate_is_inside_what_it_tri
     assert miniature.plan(budget, losses)[miniature.HEALED] == ([6e-4, 2e-3, 6e-3, 2e-2, 6e-2], None)
 
 
+def test_a_diverged_seed_marks_its_row_and_the_report_goes_on():
+    """A reference whose seed diverged: its row says so (seed and step), and the gap against the equally
+    trained references is "-" for every row, not an error; a sweep in which every rate diverged has no
+    best rate."""
+    m, batches = miniature, [4.0, 4.2, 4.1, 4.3]
+
+    def row(x, **info):  # a loss x + 4.15 on the held-out modules, over 4 batches
+        return dict(seeds=[0], windows={"held-out": [[x + b for b in batches]]}, mean={"held-out": x + 4.15},
+                    **{"by seed": {"held-out": [x + 4.15]}}, **info)
+    rows = {m.BASELINE: row(1.0, trainable=0) | dict(seeds=[None]),
+            "full model": row(0.0, trainable=0) | dict(seeds=[None]),
+            m.OURS: row(0.5, lr=6e-3, depth=4.0, flops=0.002, trainable=9),
+            m.FULL_TRAINED: row(-0.1, lr=6e-4, trainable=99),
+            m.HEALED: dict(seeds=[0], windows={}, lr=6e-4, diverged="seed 1, step 3: loss nan, grad norm nan")}
+    md = m.tables(rows, depth_sweep=False)
+    assert f"| {m.HEALED} | 0.0006 | 1 | diverged: seed 1, step 3: loss nan, grad norm nan |" in md
+    assert m.gaps(rows, m.OURS, "held-out") == [[50.0], None] and "| 50.0 | - |" in md
+    diverged = {(v, lr): math.inf for v in m.SWEPT for lr in m.QUICK.ladder}
+    assert m.plan(m.QUICK, diverged)[m.OURS] == ([2e-3, 6e-3], None)
+
+
 def test_an_interrupted_base_says_to_run_the_same_command(tmp_path):
     """The base's pretraining stopped by Ctrl-C (run_logged returns False, with no diverged.txt):
     the message is the command that works, not train.py's "--resume", which the study has not."""
@@ -2214,20 +2235,20 @@ def test_the_study_never_takes_or_replaces_what_another_budget_made(tmp_path, ma
 
 
 def test_a_study_may_list_more_runs_on_a_work_folder_made_before(tmp_path):
-    """Seeds, ranks, learning rates and the second base choose which runs a study lists, each in a folder
-    of its own, so a work folder made under others is taken (one whose recipe.json recorded them too);
-    one made with another number of steps is not."""
+    """The ranks and learning rates choose which runs a study lists, and a run's folder names its rank and
+    rate, so a work folder made under others is taken (one whose recipe.json recorded them too); one made
+    with other seeds or another number of steps is not."""
     work = tmp_path / "work"
     work.mkdir()
     stdlib.claim(work, miniature.QUICK)
-    more = dataclasses.replace(miniature.QUICK, seeds=(0, 1, 2), ranks=(8,), lrs=(6e-4,), ladder=(6e-4, 2e-3),
-                               second_base=2)
+    more = dataclasses.replace(miniature.QUICK, ranks=(8,), lrs=(6e-4,), ladder=(6e-4, 2e-3))
     stdlib.claim(work, more)
     recorded = json.loads((work / "recipe.json").read_text())
-    (work / "recipe.json").write_text(json.dumps(recorded | {"seeds": [0], "ranks": [8, 32], "lrs": [6e-3]}))
+    (work / "recipe.json").write_text(json.dumps(recorded | {"ranks": [8, 32], "lrs": [6e-3]}))
     stdlib.claim(work, more)
-    with pytest.raises(ValueError, match="steps 4 there, 5 now"):
-        stdlib.claim(work, dataclasses.replace(miniature.QUICK, steps=5))
+    for other, message in ((dict(steps=5), "steps 4 there, 5 now"), (dict(seeds=(1, 2)), "seeds [0, 1] there")):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            stdlib.claim(work, dataclasses.replace(miniature.QUICK, **other))
 
 
 @pytest.mark.parametrize("argv, message", [

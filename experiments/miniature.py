@@ -22,8 +22,9 @@ Stages, each cached in --work and skipped once done (Ctrl-C and a rerun continue
              - a learning-rate sweep of each variant in SWEPT (first seed), extended along the
                ladder until its best rate, by training loss, lies inside the rates it tried;
              - each swept variant at its best rate with every seed, on both bases; every other
-               row at the best rate of the variant it modifies (`rate`), with every seed;
-             - every row at one rate for all (lr 2e-3), as the study was first run
+               row with a `rate` at the best rate of the variant it modifies, with every seed;
+             - at one rate for all (lr 2e-3), as the study was first run: the rows with `seeds`,
+               every seed for the six swept Ouroboros variants and the first for the others
   5. report  experiments/results/miniature.json (every run, every interval), miniature.md (the
              tables, and the wall time of each part), miniature.png and miniature-depth.png (need
              matplotlib)
@@ -75,9 +76,13 @@ class Budget(stdlib.Base):  # the base to pretrain (data/stdlib.py), then:
     lrs: tuple  # the rates every learning-rate sweep tries first, besides lr (first seed, first base)
     ladder: tuple  # the rates a sweep may go on to, in order: it extends until its best rate is inside what it tried
     second_base: int  # the pretraining seed of the second base
-    # Which runs the study lists, not how any is made (each has a folder of its own): not in the recipe,
-    # so the study may change them on a work folder made before
-    LISTING: ClassVar = ("seeds", "ranks", "lrs", "ladder", "second_base")
+    # Which runs the study lists, not how any is made (a run's folder names its rank and rate): not in the
+    # recipe, so the study may change them on a work folder made before
+    LISTING: ClassVar = ("ranks", "lrs", "ladder")
+
+    def __post_init__(self):
+        if not {self.lr, *self.lrs} <= set(self.ladder):
+            raise ValueError(f"lr {self.lr} and lrs {self.lrs} must be rates of the ladder {self.ladder}")
 
 
 # The demo's base recipe, pretrained longer (800 updates, not 300); final scores over 640 windows
@@ -220,8 +225,8 @@ def plan(budget, losses):
             best = min(rates, key=lambda lr: losses[v, lr])
             k = budget.ladder.index(best) + (-1 if best == rates[0] else 1 if best == rates[-1] else 0)
             if best not in (rates[0], rates[-1]) or not 0 <= k < len(budget.ladder):
-                found[v] = (rates, best)  # inside the rates tried, or at the ladder's end
-                break
+                found[v] = (rates, best if losses[v, best] < math.inf else None)  # inside, or at the ladder's end;
+                break  # None: every rate diverged
             rates = sorted(rates + [budget.ladder[k]])
         else:
             found[v] = (rates, None)
@@ -231,7 +236,8 @@ def plan(budget, losses):
 def runs(budget, swept):
     """Every Run of the study, in the order they run (swept: plan()'s): the learning-rate sweeps; at
     each variant's best rate, the swept variants with every seed on both bases, then every other row
-    with every seed; at one rate for all (budget.lr), every row with the first seed, then the others."""
+    with a rate, with every seed; at one rate for all (budget.lr), the rows with `seeds`: the first seed,
+    then the other seeds of the rows with all."""
     first, rows, todo = budget.seeds[0], {r.name: r for r in study_rows(budget)}, []
 
     def add(row, lr, seed, base=0, part=""):
@@ -306,15 +312,20 @@ def run_all(work, budget, bases, data, log):
         spent += cost(run)
 
 
+def frozen_scored(work, base):
+    """The folder of a finished run on `base` (0, or not: the second) that scored the frozen baseline and
+    full model, listed or not (a run a sweep no longer lists scored them as well), or None."""
+    return next((out for out in sorted((work / "runs").glob("*")) if ("-second-base-seed" in out.name) == bool(base)
+                 and (out / "results.json").is_file() and "full" in json.loads((out / "results.json").read_text())),
+                None)
+
+
 def references(work, run):
     """Which frozen models `run`'s final table scores: the baseline and the full model, until a run on
     its base has scored them (they score the same in every run), then neither."""
     if "--pretrain" in run.options:  # an equally trained reference scores itself alone
         return []
-    mine = [out / "results.json" for out in (work / "runs").glob("*") if ("-second-base-seed" in out.name) == bool(
-        run.base)]
-    done = any("full" in json.loads(file.read_text()) for file in mine if file.is_file())
-    return ["--no-eval-baseline"] if done else ["--eval-full"]
+    return ["--no-eval-baseline"] if frozen_scored(work, run.base) else ["--eval-full"]
 
 
 def run_argv(run, budget, bases, data, refs):
@@ -376,13 +387,15 @@ HELD_OUT = ("held-out", "prose")
 
 def collect(work, budget, swept):
     """Every scored model of the study: {row: {"seeds": [...], "windows": {split: (seeds, batches)},
-    plus the first seed's results (options, rate, depth, FLOPs, trainable, tok/s, curve)}}. A run
+    plus the first finished seed's results (options, rate, depth, FLOPs, trainable, tok/s, curve)}}. A run
     scores several rows: the frozen baseline and full model (once per base), its own, and those of a
     depth sweep or of prefix pooling. Rows are named as they ran (at(): with their rate)."""
     rows = {}
 
     def add(row, seed, windows, **info):
-        r = rows.setdefault(row, dict(seeds=[], windows={}, **info))
+        r = rows.setdefault(row, dict(seeds=[], windows={}))
+        for k, v in info.items():  # the first finished seed's
+            r.setdefault(k, v)
         r["seeds"].append(seed)
         for split in HELD_OUT:  # the train column is a fit check, not a score: left out
             if split in windows:
@@ -393,8 +406,9 @@ def collect(work, budget, swept):
         tag = " [second base]" if run.base else ""
         if not ended(out):
             continue  # not run yet: the report says which (the study can be run in parts)
-        if (out / "diverged.txt").is_file():
-            rows.setdefault(run.row, dict(seeds=[], windows={}, diverged=(out / "diverged.txt").read_text()))
+        if (out / "diverged.txt").is_file():  # the row is marked, whichever of its seeds it was
+            rows.setdefault(run.row, dict(seeds=[], windows={}))["diverged"] = (
+                f"seed {run.seed}, " + (out / "diverged.txt").read_text().split(": stopped")[0].removeprefix("error: "))
             continue
         res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
         metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -408,9 +422,6 @@ def collect(work, budget, swept):
         options = checkpoint.saved_options(json.loads((out / "state.json").read_text()), train.parse_args)
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
         depth = res["mean depth"]["held-out"]  # with halting: fewer steps than --depth
-        for ref in ("baseline", "full"):  # frozen: every run scores the same numbers; keep the first
-            if ref in scored and f"{ref} model{tag}" not in rows:
-                add(f"{ref} model{tag}", None, scored[ref], trainable=0)
         flops = lambda d, steps: ob.forward_flops(shape, steps, d) / 1e9  # noqa: E731
         add(run.row, run.seed, scored["ours"], depth=depth, flops=flops(res["run"]["depth"], depth), **info)
         if "ours, prefix-pooled" in scored:
@@ -420,6 +431,11 @@ def collect(work, budget, swept):
             if f"ours, depth {d}" in scored:
                 add(f"{run.row}, evaluated at depth {d}", run.seed, scored[f"ours, depth {d}"], depth=d,
                     flops=flops(d, d), **info)
+    for base, tag in ((0, ""), (budget.second_base, " [second base]")):  # frozen: the same in every run
+        if found := frozen_scored(work, base):
+            scored = json.loads((found / "windows.json").read_text())
+            for ref in ("baseline", "full"):
+                add(f"{ref} model{tag}", None, scored[ref], trainable=0)
     groups = clusters(work / "data", budget)
     for r in rows.values():  # the frozen models: one set of windows, the same for every seed
         r["mean"] = {s: float(np.mean(w)) for s, w in r["windows"].items()}
@@ -437,7 +453,8 @@ def family(rows, budget, swept, best_rates):
              if n in rows}
     for r in study_rows(budget):
         lr = best.get(r.rate) if best_rates or r.name in (FULL_TRAINED, HEALED) else r.seeds and budget.lr
-        for suffix in ("", " [second base]", PREFIX, *(f", evaluated at depth {d}" for d in SWEEP_DEPTHS)):
+        for suffix in ("", " [second base]", PREFIX, *(f", evaluated at depth {d}" for d in SWEEP_DEPTHS
+                                                        if not best_rates)):
             if lr and at(r.name, lr, budget) + suffix in rows:
                 found[r.name + suffix] = rows[at(r.name, lr, budget) + suffix]
     return found
@@ -557,7 +574,7 @@ def gaps(rows, name, split):
     tag = " [second base]" if name.endswith("[second base]") else ""
     found = []
     for low, high in ((BASELINE, "full model"), (HEALED, FULL_TRAINED)):
-        if low + tag in rows and high + tag in rows and "diverged" not in rows[low + tag]:
+        if all(ref + tag in rows and "diverged" not in rows[ref + tag] for ref in (low, high)):
             b, f = rows[low + tag]["mean"][split], rows[high + tag]["mean"][split]
             found.append([100 * (b - x) / (b - f) for x in rows[name]["by seed"][split]])
         else:
@@ -576,8 +593,8 @@ def tables(rows, depth_sweep=True):
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in rows.items():
         if "diverged" in r:
-            lines.append(f"| {name} | | {len(r['seeds'])} | diverged: {r['diverged'].split(':')[1].strip()} |"
-                         + " |" * (len(head) - 4))
+            lines.append(f"| {name} | {format(r['lr'], 'g') if 'lr' in r else '-'} | {len(r['seeds'])} | diverged: "
+                         f"{r['diverged']} |" + " |" * (len(head) - 4))
             continue
         tag = " [second base]" if name.endswith("[second base]") else ""
         seeds = "-" if r["seeds"] == [None] else str(len(r["seeds"]))
@@ -616,26 +633,30 @@ def tables(rows, depth_sweep=True):
     return "\n".join(lines + claims + sweep) + "\n"
 
 
-def lr_table(rows, budget, swept):
-    """The learning-rate sweeps (first seed, first base): each variant's losses at each rate it tried,
-    its best rate by its training loss (the mean of the last 50 updates, on the same batches at every
-    rate; never by a held-out set), and the variants compared at their best rates."""
-    rates = sorted({lr for tried, _ in swept.values() for lr in tried})
+def lr_table(rows, budget, swept, losses):
+    """The learning-rate sweeps (first seed, first base): each variant's losses at each rate it tried
+    (losses: sweep_losses()), its best rate by its training loss (the mean of the last 50 updates, on
+    the same batches at every rate; never by a held-out set), and the variants compared at their best."""
+    rates, first = sorted({lr for tried, _ in swept.values() for lr in tried}), budget.seeds[0]
     head = ["variant"] + [f"lr {lr:g}: training loss / held-out modules" for lr in rates] + [
         "best rate (by training loss)", "Δ held-out modules vs loop alone, both at best [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
-    first = lambda r: (rows[r]["train_loss_end"], rows[r]["by seed"]["held-out"][0])  # noqa: E731
+
+    def held(v, lr):  # the first seed's batch losses on the held-out modules at lr, or None
+        r = rows.get(at(v, lr, budget), {})
+        return r["windows"]["held-out"][r["seeds"].index(first)] if first in r.get("seeds", []) else None
+
     for v in SWEPT:
         tried, best = swept[v]
-        cells = [("diverged" if "diverged" in rows[at(v, lr, budget)] else "%.4f / %.4f" % first(at(v, lr, budget)))
-                 if at(v, lr, budget) in rows else "not run yet" if lr in tried else "" for lr in rates]
+        cells = ["" if lr not in tried else "not run yet" if (v, lr) not in losses else "diverged"
+                 if losses[v, lr] == math.inf else f"{losses[v, lr]:.4f} / {np.mean(held(v, lr)):.4f}" for lr in rates]
         edge = best in (budget.ladder[0], budget.ladder[-1]) and best in (tried[0], tried[-1])
-        cells.append("not settled yet" if best is None else f"{best:g}" + " (the ladder's end)" * edge)
+        cells.append(f"{best:g}" + " (the ladder's end)" * edge if best else "every rate diverged"
+                     if all(losses.get((v, lr)) == math.inf for lr in tried) else "not settled yet")
         c = None
-        if best and swept[LOOP][1] and v != LOOP:
-            a, b = rows[at(v, best, budget)], rows[at(LOOP, swept[LOOP][1], budget)]
-            c = paired([a["windows"]["held-out"][0]], [b["windows"]["held-out"][0]],  # the first seed's
-                       clusters=a.get("clusters", {}).get("held-out"))
+        if v != LOOP and best and swept[LOOP][1]:
+            a, b = held(v, best), held(LOOP, swept[LOOP][1])
+            c = paired([a], [b], clusters=rows[at(v, best, budget)].get("clusters", {}).get("held-out"))
         lines.append(f"| {v} | " + " | ".join(cells) + f" | {'' if v == LOOP else ci(c)} |")
     return "\n".join(lines) + "\n"
 
@@ -731,7 +752,8 @@ def depth_figure(rows, file):
 
 
 def report(work, results, budget, log, meta):
-    swept = plan(budget, sweep_losses(work, budget))
+    losses = sweep_losses(work, budget)
+    swept = plan(budget, losses)
     rows, listed = collect(work, budget, swept), runs(budget, swept)
     best, one = (family(rows, budget, swept, b) for b in (True, False))
     base_dirs = [work / ("base" if seed == 0 else f"base-seed{seed}") for seed in (0, budget.second_base)]
@@ -765,7 +787,7 @@ def report(work, results, budget, log, meta):
     study["not run yet"] = [f"{run.row}, seed {run.seed}" for run in listed if not ended(work / "runs" / run.folder)]
     study["sweeps not settled"] = [v for v, (_, b) in swept.items() if b is None]
     md = ("### Each variant at its best learning rate\n\n" + (tables(best, depth_sweep=False) if held else "-\n")
-          + "\n### The learning-rate sweeps\n\n" + lr_table(rows, budget, swept)
+          + "\n### The learning-rate sweeps\n\n" + lr_table(rows, budget, swept, losses)
           + f"\n### One rate for all (lr {budget.lr:g})\n\n" + (tables(one) if held else "-\n")
           + "\n### Wall time\n\n| part | runs | wall time |\n| --- | --- | --- |\n" + "".join(
               f"| {k} | {sum(run.part == k for run in listed) or '-'} | {datetime.timedelta(seconds=round(v))} |\n"
