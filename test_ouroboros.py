@@ -1624,10 +1624,11 @@ def test_pretraining_lowers_the_loss_and_writes_a_checkpoint_the_loader_reads(tm
     """--pretrain trains every weight of a Qwen2 made from --model's config.json (its weights are
     not read). --out is then a Hugging Face checkpoint with the data's tokenizer: Qwen2.from_pretrained
     reads it back to identical logits, and Ouroboros.from_pretrained cuts it like Qwen2.5-3B."""
-    model = train.main(run_args(demo, tmp_path, "--pretrain", "--steps", "12", "--warmup", "2",
+    model = train.main(run_args(demo, tmp_path, "--pretrain", "--steps", "30", "--warmup", "2",
                                 "--eval-every", "100"))
     losses = [m["loss"] for m in metrics(tmp_path)]
-    assert np.mean(losses[-3:]) < np.mean(losses[:3]) - 0.3, losses
+    # 30 updates, with a margin: the data are this repository's files, so they change with every commit
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.3, losses
     assert "| depth" not in train.log_line(metrics(tmp_path)[-1], train.parse_args(["--pretrain"]))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {f.name for f in tmp_path.iterdir()}
     assert (tmp_path / "tokenizer.json").read_bytes() == (demo[0] / "tokenizer.json").read_bytes()
