@@ -155,7 +155,8 @@ def claim(work, base, corpus=None):
     one that holds other files), naming what differs."""
     file, now = work / "recipe.json", recipe(base, corpus)
     if file.is_file():
-        was = {k: v for k, v in ob.read_json(file, "").items() if k not in base.LISTING}  # a recipe recorded before they were left out
+        # (a recipe recorded before base.LISTING was left out of recipes holds those fields too)
+        was = {k: v for k, v in ob.read_json(file, "").items() if k not in base.LISTING}
         diff = [f"{k} {was.get(k, 'unset')} there, {v} now" for k, v in now.items() if was.get(k) != v]
         diff += [f"{k} {v} there, unset now" for k, v in was.items() if k not in now]
         if diff:
