@@ -1732,8 +1732,9 @@ def test_resume_takes_the_saved_runs_options_where_the_command_gives_none(tmp_pa
 
 
 def test_the_same_command_with_eval_on_resumes(tmp_path, demo):
-    """--eval-on appends to a list: resumed, the saved run's files and the command's are scored once each
-    (the study resumes its runs with their full command, --eval-on prose.bin included)."""
+    """--eval-on appends to a list: resumed, the files the command gives replace the saved run's, rather
+    than being appended to them and refused as scored twice (the study resumes its runs with their full
+    command, --eval-on prose.bin included)."""
     other = tmp_path / "other.bin"
     shutil.copyfile(demo[1] / "val.bin", other)
     train.main(run_args(demo, tmp_path / "run", "--steps", "2", "--eval-on", str(other)))

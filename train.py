@@ -126,13 +126,13 @@ def parse_args(argv=None):
     if args.demo or args.benchmark:  # other defaults (what the command line gives still wins)
         ap.set_defaults(**stdlib.DEMO_OPTIONS if args.demo else dict(out="out/benchmark", steps=10, warmup=0))
         args = ap.parse_args(argv)
-    if args.resume:  # what the command line does not give is the saved run's, not these defaults
-        check_flags(args)
+    if args.resume:  # what the command line does not give is the saved run's, not these defaults; a list it
+        check_flags(args)  # gives replaces the saved one (argparse would append --eval-on to it)
         saved = checkpoint.saved_state(Path(args.out))
-        ap.set_defaults(**{k: v for k, v in saved.get("args", saved["options"]).items() if k in vars(args)})
+        ap.set_defaults(**{k: v for k, v in saved.get("args", saved["options"]).items() if k in vars(args)
+                           and not (ap.get_default(k) == [] and getattr(args, k))})
         args = ap.parse_args(argv)
     args.depths = args.depths or [args.depth]
-    args.eval_on = list(dict.fromkeys(args.eval_on))  # resumed: the saved run's and the command's, each once
     return args
 
 
@@ -323,9 +323,10 @@ def setup(args, log, device, world, rank):
     torch.manual_seed(args.seed)
     dtype = args.dtype and getattr(torch, args.dtype)
     if args.pretrain:  # every weight trains, in float32: the saved run's, or by --init (random: N(0, 0.02))
-        f32, split = dict(device=device, dtype=torch.float32), (args.prelude, args.recurrent, args.coda)
+        f32 = dict(device=device, dtype=torch.float32)
         model = (ob.Qwen2.from_pretrained(args.out if state else args.model, **f32) if state or args.init == "model"
-                 else ob.Qwen2.baseline_of(args.model, *f32.values(), *split) if args.init == "baseline"
+                 else ob.Qwen2.baseline_of(args.model, **f32, prelude=args.prelude, recurrent=args.recurrent,
+                                           coda=args.coda) if args.init == "baseline"
                  else ob.Qwen2.from_config(cfg, **f32)).requires_grad_(True)
     else:
         options = model_options(vars(args))
