@@ -274,9 +274,13 @@ def runs(budget, swept):
 # Stage 4: the runs
 
 
-def train_loss(out):
-    """The training loss at the end of the run in `out`: the mean of its last 50 updates."""
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+def logged(out):
+    """The lines of OUT/metrics.jsonl: one per update."""
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def train_loss(metrics):
+    """The training loss at the end of a run (logged()): the mean of its last 50 updates."""
     return float(np.mean([m["loss"] for m in metrics[-50:]]))
 
 
@@ -287,7 +291,7 @@ def sweep_losses(work, budget):
         for lr in budget.ladder:
             out = work / "runs" / Run(at(v, lr, budget), [], budget.seeds[0]).folder
             if ended(out):
-                losses[v, lr] = math.inf if (out / "diverged.txt").is_file() else train_loss(out)
+                losses[v, lr] = math.inf if (out / "diverged.txt").is_file() else train_loss(logged(out))
     return losses
 
 
@@ -411,11 +415,11 @@ def collect(work, budget, swept):
                 f"seed {run.seed}, " + (out / "diverged.txt").read_text().split(": stopped")[0].removeprefix("error: "))
             continue
         res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
-        metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        metrics = logged(out)
         info = dict(trainable=res["run"]["trainable"], tok_s=res["run"]["tok_s"], options=run.options,
                     lr=float(run.options[run.options.index("--lr") + 1]) if "--lr" in run.options else budget.lr,
                     curve=[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m],
-                    train_loss_end=train_loss(out))
+                    train_loss_end=train_loss(metrics))
         if "model" in scored:  # an equally trained reference: a plain Qwen2
             add(run.row, run.seed, scored["model"], **info)
             continue
