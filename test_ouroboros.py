@@ -2677,11 +2677,13 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     first = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True)
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     study = json.loads((tmp_path / "results" / "miniature.json").read_text())
-    todo = miniature.todo(tmp_path / "work", miniature.QUICK)
-    assert study["not run yet"] == study["sweeps not settled"] == [] and len({r.folder for r in todo}) == len(todo)
+    todo, unsettled = miniature.todo(tmp_path / "work", miniature.QUICK)
+    assert study["not run yet"] == study["sweeps not settled"] == [] and not unsettled
+    assert len({r.folder for r in todo}) == len(todo)
     rows, best = study["rows"], {v: b for v, (_, b) in study["sweeps"].items()}
-    for run in todo:  # every run scored, with each of its seeds
+    for run in todo:  # every run scored, with each of its seeds and its largest gradient norm
         assert run.seed in rows[run.row]["seeds"], run
+        assert len(rows[run.row]["largest gradient norm"]) == len(rows[run.row]["seeds"]), run
     for row in miniature.SWEPT:  # the headline rows, controls and references: every seed at their best rates
         assert sorted(rows[miniature.at(row, best[row], miniature.QUICK)]["seeds"]) == list(miniature.QUICK.seeds)
         assert sorted(rows[miniature.at(row, best[row], miniature.QUICK) + " [second base]"]["seeds"]) == list(
@@ -2708,6 +2710,8 @@ def test_miniature_quick_runs_every_stage_and_writes_every_row(tmp_path):
     assert all(f"| {r.name} | 0.002 |" in one_rate for r in miniature.study_rows(miniature.QUICK) if r.seeds)
     assert all(f"| {v} | " in sweeps for v in miniature.SWEPT) and "gap recovered %, equally trained" in at_best
     assert "| 1. ours against the baseline given the same updates (prune, then heal) |" in at_best
+    frozen = next(line for line in at_best.splitlines() if line.startswith("| baseline model | - | - |"))
+    assert frozen.split(" | ")[5:9] == ["0.0", "0.0", "-", "-"]  # the frozen pair's gap: against itself only
     corpus = study["corpus"]
     assert corpus["files"] > 10 and len(corpus["sha256"]) == 64 and corpus["val_tokens"] > 0
     assert corpus["held_out_families"] and corpus["prose"]["topics"] > 10 and len(corpus["prose"]["sha256"]) == 64

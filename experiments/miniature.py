@@ -296,8 +296,10 @@ def sweep_losses(work, budget):
 
 
 def todo(work, budget):
-    """runs() as far as the finished sweeps in `work` settle it."""
-    return runs(budget, plan(budget, sweep_losses(work, budget)))
+    """runs() as far as the finished sweeps in `work` settle it, and whether a sweep may add more."""
+    losses = sweep_losses(work, budget)
+    swept = plan(budget, losses)
+    return runs(budget, swept), any((v, lr) not in losses for v, (rates, _) in swept.items() for lr in rates)
 
 
 def run_all(work, budget, bases, data, log):
@@ -305,10 +307,13 @@ def run_all(work, budget, bases, data, log):
     next rate, or a variant's runs at its best rate), so the list is made again after each."""
     cost = lambda run: 6 + int(dict(zip(run.options[::2], run.options[1::2])).get("--depth", 4))  # noqa: E731
     t0, spent = time.time(), 0  # the cost of the runs that ran now (not the cached ones), for the ETA
-    while left := [run for run in todo(work, budget) if not ended(work / "runs" / run.folder)]:
+    while True:
+        listed, unsettled = todo(work, budget)
+        if not (left := [run for run in listed if not ended(work / "runs" / run.folder)]):
+            break
         run, out = left[0], work / "runs" / left[0].folder
         eta = (time.time() - t0) / spent * sum(map(cost, left)) if spent else None
-        log(f"[runs] {run.row}, seed {run.seed} ({len(left)} left, more once the sweeps settle)"
+        log(f"[runs] {run.row}, seed {run.seed} ({len(left)} left{', more once the sweeps settle' * unsettled})"
             + (f" | ETA {datetime.timedelta(seconds=round(eta))} for those" if eta else ""))
         finished = stdlib.run_logged(out, run_argv(run, budget, bases, data, references(work, run)), train.main)
         if not (finished or (out / "diverged.txt").is_file()):
@@ -318,10 +323,11 @@ def run_all(work, budget, bases, data, log):
 
 def frozen_scored(work, base):
     """The folder of a finished run on `base` (0, or not: the second) that scored the frozen baseline and
-    full model, listed or not (a run a sweep no longer lists scored them as well), or None."""
+    full model, listed or not (a run a sweep no longer lists scored them as well), or None. Both: a run
+    started before they were scored and resumed after scores the full model alone."""
     return next((out for out in sorted((work / "runs").glob("*")) if ("-second-base-seed" in out.name) == bool(base)
-                 and (out / "results.json").is_file() and "full" in json.loads((out / "results.json").read_text())),
-                None)
+                 and (out / "windows.json").is_file()
+                 and {"baseline", "full"} <= json.loads((out / "windows.json").read_text()).keys()), None)
 
 
 def references(work, run):
@@ -410,9 +416,10 @@ def collect(work, budget, swept):
         tag = " [second base]" if run.base else ""
         if not ended(out):
             continue  # not run yet: the report says which (the study can be run in parts)
-        if (out / "diverged.txt").is_file():  # the row is marked, whichever of its seeds it was
-            rows.setdefault(run.row, dict(seeds=[], windows={}))["diverged"] = (
-                f"seed {run.seed}, " + (out / "diverged.txt").read_text().split(": stopped")[0].removeprefix("error: "))
+        if (out / "diverged.txt").is_file():  # the row is marked with each of its seeds that diverged
+            r, why = rows.setdefault(run.row, dict(seeds=[], windows={})), (out / "diverged.txt").read_text()
+            r["diverged"] = "; ".join(filter(None, [r.get("diverged"), f"seed {run.seed}, "
+                                                    + why.split(": stopped")[0].removeprefix("error: ")]))
             continue
         res, scored = (json.loads((out / f).read_text()) for f in ("results.json", "windows.json"))
         metrics = logged(out)
@@ -420,6 +427,8 @@ def collect(work, budget, swept):
                     lr=float(run.options[run.options.index("--lr") + 1]) if "--lr" in run.options else budget.lr,
                     curve=[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m],
                     train_loss_end=train_loss(metrics))
+        spike = max((m["grad_norm"] for m in metrics[budget.warmup:]), default=math.nan)  # after warmup
+        rows.setdefault(run.row, dict(seeds=[], windows={})).setdefault("largest gradient norm", []).append(spike)
         if "model" in scored:  # an equally trained reference: a plain Qwen2
             add(run.row, run.seed, scored["model"], **info)
             continue
@@ -588,12 +597,14 @@ def gaps(rows, name, split):
 
 def tables(rows, depth_sweep=True):
     """Markdown: every row of a family() (mean ± sd over seeds, gap recovered, Δ against the loop alone
-    with its interval), then every claim with its paired interval and reading, then the depth sweep."""
+    with its interval, each seed's largest gradient norm: a spike), then every claim with its paired
+    interval and reading, then the depth sweep."""
     held = [s for s in HELD_OUT if s in rows[BASELINE]["mean"]]
     head = (["variant", "lr", "seeds"] + [f"{SPLITS[s]} loss" for s in held]
             + [f"gap recovered %, {ref} ({SPLITS[s]})" for ref in ("frozen", "equally trained") for s in held]
             + [f"Δ {SPLITS[s]} vs loop alone, depth 4 [95% CI]" for s in held]
-            + ["loop steps per token", "forward MFLOP per token", "trainable"])
+            + ["loop steps per token", "forward MFLOP per token", "trainable",
+               "largest gradient norm after warmup (before clipping at 1), per seed"])
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for name, r in rows.items():
         if "diverged" in r:
@@ -604,11 +615,13 @@ def tables(rows, depth_sweep=True):
         seeds = "-" if r["seeds"] == [None] else str(len(r["seeds"]))
         cells = [format(r["lr"], "g") if "lr" in r else "-", seeds] + [mean_sd(r["by seed"][s]) for s in held]
         recovered = [gaps(rows, name, s) for s in held]
-        cells += ["-" if g[k] is None else mean_sd(g[k], ".1f") for k in (0, 1) for g in recovered]
+        cells += ["-" if g[k] is None or (k and seeds == "-") else mean_sd(g[k], ".1f")  # frozen: its own pair
+                  for k in (0, 1) for g in recovered]
         cells += ["" if seeds == "-" or name == LOOP + tag or LOOP + tag not in rows else
                   ci(compare(rows, name, LOOP + tag, s)) for s in held]
         cells += [f"{r['depth']:.2f}" if "depth" in r else "", f"{1e3 * r['flops']:.2f}" if "flops" in r else "",
-                  f"{r['trainable']:,}"]
+                  f"{r['trainable']:,}", " / ".join(f"{g:.2g}" if g < 100 else f"{g:,.0f}"
+                                                   for g in r.get("largest gradient norm", []))]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     claims = ["", "| claim (A − B) | A | B | seeds | " + " | ".join(f"Δ {SPLITS[s]} [95% CI], p" for s in held)
               + " | reading (held-out modules) | reading (held-out prose) |", "|" + " --- |" * (6 + len(held))]
