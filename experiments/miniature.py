@@ -709,7 +709,7 @@ def figure(rows, file):
     left.set(xlabel="forward MFLOP per token", ylabel="held-out modules loss (nats)",
              title="Loss against compute, variants numbered as on the right\n"
                    "(filled: mean ± sd over seeds; hollow: 1 seed)")
-    left.legend(fontsize=8, loc="lower right")  # below the variants, above the references
+    left.legend(fontsize=8, loc="lower right")  # where no variant lies
     labelled = set()
     for k, n in enumerate(names):
         for off, split, marker in ((-0.15, "held-out", "o"), (0.15, "prose", "s")):
