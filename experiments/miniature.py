@@ -402,11 +402,13 @@ def collect(work, budget, swept):
     depth sweep or of prefix pooling. Rows are named as they ran (at(): with their rate)."""
     rows = {}
 
-    def add(row, seed, windows, **info):
+    def add(row, seed, windows, spike=None, **info):  # spike: the seed's largest gradient norm, if it trained
         r = rows.setdefault(row, dict(seeds=[], windows={}))
         for k, v in info.items():  # the first finished seed's
             r.setdefault(k, v)
         r["seeds"].append(seed)
+        if spike is not None:
+            r.setdefault("largest gradient norm", []).append(spike)
         for split in HELD_OUT:  # the train column is a fit check, not a score: left out
             if split in windows:
                 r["windows"].setdefault(split, []).append(windows[split])
@@ -428,15 +430,14 @@ def collect(work, budget, swept):
                     curve=[(m["step"], m["val_loss"]) for m in metrics if "val_loss" in m],
                     train_loss_end=train_loss(metrics))
         spike = max((m["grad_norm"] for m in metrics[budget.warmup:]), default=math.nan)  # after warmup
-        rows.setdefault(run.row, dict(seeds=[], windows={})).setdefault("largest gradient norm", []).append(spike)
         if "model" in scored:  # an equally trained reference: a plain Qwen2
-            add(run.row, run.seed, scored["model"], **info)
+            add(run.row, run.seed, scored["model"], spike, **info)
             continue
         options = checkpoint.saved_options(json.loads((out / "state.json").read_text()), train.parse_args)
         shape = ob.Ouroboros.from_config(budget.config, device="meta", **train.model_options(options))
         depth = res["mean depth"]["held-out"]  # with halting: fewer steps than --depth
         flops = lambda d, steps: ob.forward_flops(shape, steps, d) / 1e9  # noqa: E731
-        add(run.row, run.seed, scored["ours"], depth=depth, flops=flops(res["run"]["depth"], depth), **info)
+        add(run.row, run.seed, scored["ours"], spike, depth=depth, flops=flops(res["run"]["depth"], depth), **info)
         if "ours, prefix-pooled" in scored:
             add(run.row + PREFIX, run.seed, scored["ours, prefix-pooled"], depth=depth,
                 flops=flops(res["run"]["depth"], depth), **info)
